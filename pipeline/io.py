@@ -1,0 +1,49 @@
+"""Atomic file writes and the stage-result contract the staged runner reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+STAGE_RESULT = "stage_result.json"
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same directory and rename: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_stage_result(output_dir: str | os.PathLike, stage: str, metrics: dict, artifacts: dict | None = None) -> Path:
+    """Mark a stage complete. The runner skips stages whose result exists and shows `metrics` in its report.
+
+    `metrics`: flat name -> number/string (e.g. {"train_loss": 1.2, "accuracy/add": 0.4});
+    `artifacts`: name -> path (e.g. {"model": "outputs/tiny/sft"}).
+    """
+    path = Path(output_dir) / STAGE_RESULT
+    atomic_write_json(path, {"stage": stage, "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                             "metrics": metrics, "artifacts": artifacts or {"output_dir": str(output_dir)}})
+    return path
+
+
+def read_stage_result(output_dir: str | os.PathLike) -> dict | None:
+    path = Path(output_dir) / STAGE_RESULT
+    return json.loads(path.read_text()) if path.is_file() else None
