@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    """A 4-layer Llama (GQA 8 query / 4 KV heads, hidden 64) with a locally trained tokenizer, built once."""
+    """A 2-layer Llama (GQA: 4 query / 2 KV heads, hidden 64) with a locally trained tokenizer, built once."""
     from pipeline.tiny import TinyModelSpec, build_tiny_model
 
     out = tmp_path_factory.mktemp("tiny") / "base"
