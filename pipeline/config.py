@@ -127,6 +127,8 @@ def coerce(tp: Any, value: Any) -> Any:
             return value
         raise _Mismatch
     if origin in (list, tuple, typing.Sequence):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [value]  # `lora_target_modules: all-linear` means a one-element list
         if not isinstance(value, (list, tuple)):
             raise _Mismatch
         inner = args[0] if args else Any
@@ -242,8 +244,14 @@ def load_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+def _is_list_field(fields, key: str) -> bool:
+    tp = fields[key][1] if key in fields else None
+    options = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    return any(typing.get_origin(t) in (list, tuple) for t in options)
+
+
 def _split_cli(argv: list[str], fields) -> list[tuple[str, Any, str | None]]:
-    """`--key value`, `--key=value` and bare `--flag` (booleans) into (key, parsed, raw)."""
+    """`--key value`, `--key=value`, `--key v1 v2` (lists) and bare `--flag` (booleans) into (key, parsed, raw)."""
     out, i = [], 0
     while i < len(argv):
         tok = argv[i]
@@ -252,18 +260,31 @@ def _split_cli(argv: list[str], fields) -> list[tuple[str, Any, str | None]]:
         key, eq, raw = tok[2:].partition("=")
         key = key.replace("-", "_")
         if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is None or (nxt.startswith("--") and len(nxt) > 2):
+            j = i + 1
+            while j < len(argv) and not argv[j].startswith("--"):
+                j += 1
+            values = argv[i + 1 : j]
+            if not values:
                 raw = "true"  # bare flag
+            elif len(values) > 1 and _is_list_field(fields, key):
+                out.append((key, [_yaml_scalar(v) for v in values], None))
+                i = j
+                continue
+            elif len(values) > 1:
+                raise RecipeError(f"command line: option --{key} takes one value, got {' '.join(values)}")
             else:
-                raw, i = nxt, i + 1
+                raw = values[0]
+            i = j - 1
         i += 1
-        try:
-            parsed = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            parsed = raw
-        out.append((key, parsed, raw))
+        out.append((key, _yaml_scalar(raw), raw))
     return out
+
+
+def _yaml_scalar(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        return raw
 
 
 def print_help(prog: str, dataclass_types) -> None:
@@ -305,9 +326,12 @@ def parse(dataclass_types, argv: list[str] | None = None, prog: str = "pipeline"
     for key, parsed, raw in _split_cli(argv, fields):
         values[key] = _check_value(fields, key, parsed, f"{source} (command line)", cli_raw=raw)
 
-    # TRL defaults to bf16=True, which TrainingArguments rejects on a machine without bf16 support.
+    # TRL defaults to bf16=True, which TrainingArguments rejects on a machine without bf16 support; and
+    # without CUDA, transformers joins a multi-process launch (DDP/DeepSpeed over gloo) only with use_cpu.
     if "bf16" in fields and "bf16" not in values and not values.get("fp16"):
         values["bf16"] = _bf16_available()
+    if "use_cpu" in fields and "use_cpu" not in values and not _cuda_available():
+        values["use_cpu"] = True
 
     instances = []
     for cls in dataclass_types:
@@ -323,6 +347,12 @@ def parse(dataclass_types, argv: list[str] | None = None, prog: str = "pipeline"
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RecipeError(f"{source}: {first}") from None
     return tuple(instances), values, source
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _bf16_available() -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from pipeline.config import RecipeError, cli, parse
+from pipeline.io import write_stage_result
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +180,16 @@ def build_tiny_model(spec: TinyModelSpec) -> Path:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "tiny_spec.json").write_text(json.dumps(wanted, indent=2))
+        n_params = sum(p.numel() for p in model.parameters())
+        write_stage_result(tmp, "base", {"parameters": n_params, "vocab_size": len(tokenizer), "arch": spec.arch,
+                                         "layers": spec.num_hidden_layers, "heads": spec.num_attention_heads},
+                           {"model": str(out)})
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    n = sum(p.numel() for p in model.parameters())
-    logger.info("built tiny %s: %.2fM parameters, vocab %d -> %s", spec.arch, n / 1e6, len(tokenizer), out)
+    logger.info("built tiny %s: %.2fM parameters, vocab %d -> %s", spec.arch, n_params / 1e6, len(tokenizer), out)
     return out
 
 

@@ -1,0 +1,134 @@
+"""Training data: local files (jsonl / json / parquet / csv / save_to_disk dirs) or hub ids, mixed and checked.
+
+Rows are validated before training so a malformed file fails with one line naming the file, the row and
+the column, instead of a traceback from inside a collator halfway through an epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+import datasets
+
+from pipeline.config import DataArguments, RecipeError
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal["sft", "dpo"]
+# TRL's standard and conversational formats each stage accepts.
+FORMATS: dict[str, list[tuple[str, ...]]] = {
+    "sft": [("messages",), ("prompt", "completion"), ("text",)],
+    "dpo": [("chosen", "rejected")],
+}
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+_ROLES = {"system", "user", "assistant", "tool"}
+MAX_CHECKED_ROWS = 20_000
+
+
+def _load_one(path: str, *, name=None, split=None, data_dir=None, data_files=None, where: str = "") -> datasets.Dataset:
+    p = Path(path)
+    split = split or "train"
+    if p.is_file():
+        builder = _FILE_BUILDERS.get(p.suffix)
+        if builder is None:
+            raise RecipeError(f"{where}: {path}: unsupported file type '{p.suffix}' (use {', '.join(_FILE_BUILDERS)})")
+        try:
+            return datasets.load_dataset(builder, data_files=str(p), split="train")
+        except Exception as e:  # datasets wraps JSON/parquet parse errors in several exception types
+            raise RecipeError(f"{where}: {path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise RecipeError(f"{where}: {path}: no split '{split}' (has {', '.join(ds)})")
+            ds = ds[split]
+        return ds
+    if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix in _FILE_BUILDERS):
+        raise RecipeError(f"{where}: dataset {path} not found")
+    try:  # a hub id, or a folder of data files
+        return datasets.load_dataset(path, name=name, split=split, data_dir=data_dir, data_files=data_files)
+    except Exception as e:
+        raise RecipeError(f"{where}: dataset {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def check_columns(ds: datasets.Dataset, stage: Stage, what: str) -> None:
+    cols = set(ds.column_names)
+    if not any(set(fmt) <= cols for fmt in FORMATS[stage]):
+        wanted = " | ".join("+".join(f) for f in FORMATS[stage])
+        raise RecipeError(f"{what}: columns {sorted(cols)} do not fit the {stage} stage (needs {wanted})")
+    for i, row in enumerate(ds.select(range(min(len(ds), MAX_CHECKED_ROWS)))):
+        for col in ("messages", "prompt", "completion", "chosen", "rejected"):
+            if col in row:
+                problem = _row_problem(row[col])
+                if problem:
+                    raise RecipeError(f"{what}: row {i}: column '{col}' {problem}")
+
+
+def _row_problem(value) -> str | None:
+    if value is None:
+        return "is empty"
+    if isinstance(value, str):
+        return "is empty" if not value.strip() else None
+    if isinstance(value, list):
+        if not value:
+            return "is an empty list"
+        for turn in value:
+            if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+                return "must be a string or a list of {role, content} messages"
+            if turn["role"] not in _ROLES:
+                return f"has an unknown role '{turn['role']}'"
+        return None
+    return f"has type {type(value).__name__} (expected text or messages)"
+
+
+def load_train_data(args: DataArguments, stage: Stage, source: str, seed: int = 0):
+    """(train, eval or None) for a stage, from `dataset_name` or the `datasets` mixture."""
+    parts: list[datasets.Dataset] = []
+    fractions: list[float | None] = []
+    eval_ds = None
+    if args.dataset_name:
+        where = f"{source}: key 'dataset_name'"
+        parts.append(_load_one(args.dataset_name, name=args.dataset_config, split=args.dataset_train_split, where=where))
+        fractions.append(None)
+        if args.eval_split_size is None and not Path(args.dataset_name).is_file():
+            try:
+                eval_ds = _load_one(args.dataset_name, name=args.dataset_config, split=args.dataset_test_split,
+                                    where=where)
+            except RecipeError:
+                eval_ds = None  # no test split: fine, evaluation is optional
+    for i, cfg in enumerate(args.datasets):
+        where = f"{source}: datasets[{i}]"
+        ds = _load_one(cfg["path"], name=cfg.get("name"), split=cfg.get("split"), data_dir=cfg.get("data_dir"),
+                       data_files=cfg.get("data_files"), where=where)
+        if cfg.get("columns"):
+            missing = [c for c in cfg["columns"] if c not in ds.column_names]
+            if missing:
+                raise RecipeError(f"{where}: columns {missing} not in {cfg['path']} (has {ds.column_names})")
+            ds = ds.select_columns(cfg["columns"])
+        parts.append(ds)
+        fractions.append(cfg.get("fraction"))
+
+    for i, ds in enumerate(parts):
+        check_columns(ds, stage, f"{source}: dataset {i} ({len(ds)} rows)")
+    if any(f is not None for f in fractions):
+        if any(f is None for f in fractions):
+            raise RecipeError(f"{source}: key 'datasets': set 'fraction' on every dataset of the mixture or on none")
+        # Shares of the final mixture; no dataset is oversampled.
+        weights = [f / sum(fractions) for f in fractions]
+        total = min(len(ds) / w for ds, w in zip(parts, weights) if w > 0)
+        parts = [ds.select(range(round(w * total))) for ds, w in zip(parts, weights)]
+    train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    if len(parts) > 1:
+        train = train.shuffle(seed=seed)
+    if args.eval_split_size is not None:
+        size = int(args.eval_split_size) if args.eval_split_size >= 1 else args.eval_split_size
+        split = train.train_test_split(test_size=size, seed=seed)
+        train, eval_ds = split["train"], split["test"]
+    if args.max_train_samples is not None:
+        train = train.select(range(min(args.max_train_samples, len(train))))
+    if len(train) == 0:
+        raise RecipeError(f"{source}: the training data is empty")
+    logger.info("%s data: %d train rows%s", stage, len(train), f", {len(eval_ds)} eval rows" if eval_ds else "")
+    return train, eval_ds

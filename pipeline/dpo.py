@@ -1,0 +1,56 @@
+"""Direct preference optimisation (full, LoRA or QLoRA) on TRL's DPOTrainer.
+
+    accelerate launch pipeline/dpo.py --config recipes/tiny/dpo.yaml
+    accelerate launch --config_file accelerate_configs/zero3.yaml pipeline/dpo.py \
+        --config recipes/llama-3.1-8b/dpo.yaml --beta 0.05
+    python -m pipeline.dpo --config recipes/tiny/dpo.yaml --dry_run
+
+The reference model is, in order: `ref_model_name_or_path` if given; with LoRA, the base with the
+adapter disabled; otherwise a frozen copy of the initial policy. `precompute_ref_log_probs: true`
+computes the reference log-probs once up front and keeps no reference model in memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch pipeline/dpo.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trl import DPOConfig, DPOTrainer  # noqa: E402
+
+from pipeline.config import DataArguments, ModelArguments, check_training, cli, parse  # noqa: E402
+from pipeline.data import load_train_data  # noqa: E402
+from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path, resolve_ref_path  # noqa: E402
+from pipeline.training import logger, plan, setup_logging, train_and_save  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    (data_args, training_args, model_args), _, source = parse(
+        [DataArguments, DPOConfig, ModelArguments], argv, prog="pipeline/dpo.py")
+    check_training(model_args, training_args, data_args, source)
+    if data_args.dry_run:
+        print(plan("dpo", source, data_args, training_args, model_args))
+        return None
+    setup_logging(training_args)
+    logger.info("\n%s", plan("dpo", source, data_args, training_args, model_args))
+
+    # Model, reference & tokenizer
+    path = resolve_model_path(model_args, source)
+    tokenizer = load_tokenizer(path, model_args)
+    model = load_model(path, model_args, training_args)
+    ref_path = resolve_ref_path(model_args, source)
+    ref_model = load_model(ref_path, model_args, training_args) if ref_path else None
+
+    # Data
+    train, evaluation = load_train_data(data_args, "dpo", source, seed=training_args.seed)
+
+    # Training
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
+                         eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
+    return train_and_save(trainer, "dpo")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,98 @@
+"""Model and tokenizer loading shared by the training stages (full, LoRA, QLoRA)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from trl import get_peft_config, get_quantization_config
+
+from pipeline.config import ModelArguments, RecipeError
+
+logger = logging.getLogger(__name__)
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "org/name"; anything else that does not exist is a missing local path.
+    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
+
+
+def resolve_model_path(model_args: ModelArguments, source: str) -> str:
+    """The path or hub id to load. A missing local path falls back to the recipe's tiny model (built once)."""
+    name = model_args.model_name_or_path
+    if not name:
+        raise RecipeError(f"{source}: missing required key 'model_name_or_path'")
+    if Path(name).exists():
+        return name
+    if model_args.tiny_model:
+        from accelerate import PartialState
+
+        from pipeline.tiny import build_tiny_model, load_spec
+
+        spec = load_spec(model_args.tiny_model)
+        with PartialState().main_process_first():  # one process builds, the others wait and reuse
+            path = build_tiny_model(spec)
+        logger.warning("model_name_or_path %s not found: starting from the tiny model %s (spec %s)",
+                       name, path, model_args.tiny_model)
+        return str(path)
+    if _looks_local(name):
+        raise RecipeError(f"{source}: key 'model_name_or_path': {name} not found (and no 'tiny_model' to build)")
+    return name
+
+
+def resolve_ref_path(model_args: ModelArguments, source: str) -> str | None:
+    name = model_args.ref_model_name_or_path
+    if name and not Path(name).exists() and _looks_local(name):
+        raise RecipeError(f"{source}: key 'ref_model_name_or_path': {name} not found")
+    return name
+
+
+def load_tokenizer(path: str, model_args: ModelArguments):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
+                                        trust_remote_code=model_args.trust_remote_code)
+    if tok.pad_token is None:  # base models often ship without one; eos is the usual stand-in
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _dtype(model_args: ModelArguments):
+    if model_args.dtype in (None, "auto"):
+        return model_args.dtype
+    return getattr(torch, model_args.dtype)
+
+
+def load_model(path: str, model_args: ModelArguments, training_args):
+    """A causal LM ready for the trainer: quantized (bitsandbytes) when the recipe asks for it."""
+    from transformers import AutoModelForCausalLM
+
+    quantization_config = get_quantization_config(model_args)
+    kwargs = dict(revision=model_args.model_revision, dtype=_dtype(model_args),
+                  attn_implementation=model_args.attn_implementation,
+                  trust_remote_code=model_args.trust_remote_code)
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            kwargs["device_map"] = {"": PartialState().local_process_index}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization_config is not None:
+        _disable_packed_cpu_4bit(model)
+    if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
+        model.config.use_cache = False
+    return model
+
+
+def _disable_packed_cpu_4bit(model) -> None:
+    # bitsandbytes 0.50 repacks 4-bit weights for an AVX512-BF16 CPU kernel after a no-grad forward; that
+    # kernel has no autograd, so later LoRA gradients would be silently wrong (bitsandbytes #2078).
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def peft_config(model_args: ModelArguments):
+    return get_peft_config(model_args)

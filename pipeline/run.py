@@ -1,0 +1,237 @@
+"""Run a staged recipe: stages in order, each one's output feeding the next, finished stages skipped.
+
+    python -m pipeline.run --config recipes/tiny/pipeline.yaml
+    python -m pipeline.run --config recipes/tiny/pipeline.yaml --rerun sft     # sft and every later stage
+
+Each stage runs as its own process (`python -m <module>` or `accelerate launch`), logging to
+`<output_dir>/logs/<stage>.log`. A stage is done when its `stage_result.json` exists and its recipe is
+unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
+report (`<output_dir>/report.md`) gathers every stage's metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+
+from pipeline.config import RecipeError, cli, load_yaml, parse
+from pipeline.io import atomic_write_json, atomic_write_text, read_stage_result
+
+console = Console(highlight=False)
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    module: str
+    config: str
+    args: dict = dataclasses.field(default_factory=dict)
+    launcher: str = "python"  # or "accelerate"
+    accelerate_config: str | None = None
+    num_processes: int | None = None
+
+
+@dataclasses.dataclass
+class PipelineRecipe:
+    name: str = "pipeline"
+    output_dir: str = "outputs/pipeline"
+    stages: list[dict] = dataclasses.field(default_factory=list)
+    env: dict = dataclasses.field(default_factory=dict, metadata={"help": "Environment for every stage."})
+    rerun: list[str] = dataclasses.field(default_factory=list, metadata={"help": "Stages to redo (and all later)."})
+    dry_run: bool = dataclasses.field(default=False, metadata={"help": "Print the stage commands and exit."})
+
+
+def load_stages(recipe: PipelineRecipe, source: str) -> list[Stage]:
+    stages, names = [], set()
+    valid = [f.name for f in dataclasses.fields(Stage)]
+    for i, raw in enumerate(recipe.stages):
+        if not isinstance(raw, dict):
+            raise RecipeError(f"{source}: stages[{i}] must be a mapping")
+        for key in raw:
+            if key not in valid:
+                raise RecipeError(f"{source}: unknown key 'stages[{i}].{key}' (valid: {', '.join(valid)})")
+        try:
+            stage = Stage(**raw)
+        except TypeError:
+            raise RecipeError(f"{source}: stages[{i}] needs 'name', 'module' and 'config'") from None
+        if stage.name in names:
+            raise RecipeError(f"{source}: stages[{i}]: duplicate stage name '{stage.name}'")
+        if stage.launcher not in ("python", "accelerate"):
+            raise RecipeError(f"{source}: stages[{i}].launcher must be 'python' or 'accelerate'")
+        if not Path(stage.config).is_file():
+            raise RecipeError(f"{source}: stages[{i}].config: {stage.config} not found")
+        names.add(stage.name)
+        stages.append(stage)
+    unknown = [r for r in recipe.rerun if r not in names]
+    if unknown:
+        raise RecipeError(f"{source}: --rerun {unknown[0]}: no such stage (stages: {', '.join(sorted(names))})")
+    return stages
+
+
+def _flag_values(value) -> list[str]:
+    if isinstance(value, bool):
+        return ["true" if value else "false"]
+    if value is None:
+        return ["null"]
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def command(stage: Stage) -> list[str]:
+    args = ["--config", stage.config]
+    for key, value in stage.args.items():
+        args += [f"--{key}", *_flag_values(value)]
+    if stage.launcher == "accelerate":
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        if stage.accelerate_config:
+            launch += ["--config_file", stage.accelerate_config]
+        if stage.num_processes:
+            launch += ["--num_processes", str(stage.num_processes)]
+        return launch + ["-m", stage.module] + args
+    return [sys.executable, "-m", stage.module] + args
+
+
+def stage_output_dir(stage: Stage) -> str:
+    out = stage.args.get("output_dir") or load_yaml(stage.config).get("output_dir")
+    if not out:
+        raise RecipeError(f"{stage.config}: stage '{stage.name}' needs an 'output_dir'")
+    return str(out)
+
+
+def fingerprint(stage: Stage) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([stage.module, stage.args, stage.launcher, stage.accelerate_config,
+                         stage.num_processes], sort_keys=True, default=str).encode())
+    h.update(Path(stage.config).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _summary(metrics: dict, limit: int = 4) -> str:
+    keys = [k for k in metrics if "accuracy" in k] + [k for k in ("train_loss", "eval_loss") if k in metrics]
+    keys += [k for k in metrics if k not in keys]
+    shown = [f"{k}={_fmt(metrics[k])}" for k in keys[:limit]]
+    return ", ".join(shown)
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path: Path) -> None:
+    lines = [f"# {recipe.name}: staged run report", "",
+             f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}. Re-run: `python -m pipeline.run --config "
+             f"{state.get('_source', '')}`.", "",
+             "| stage | status | wall time | output | key metrics |", "|---|---|---|---|---|"]
+    accuracy_rows = []
+    for stage in stages:
+        s = state.get(stage.name, {})
+        result = read_stage_result(stage_output_dir(stage)) or {}
+        metrics = result.get("metrics", {})
+        secs = f"{s['seconds']:.0f} s" if "seconds" in s else "-"
+        lines.append(f"| {stage.name} | {s.get('status', 'pending')} | {secs} | `{stage_output_dir(stage)}` | "
+                     f"{_summary(metrics)} |")
+        acc = {k: v for k, v in metrics.items() if "accuracy" in k and isinstance(v, (int, float))}
+        if acc:
+            accuracy_rows.append((stage.name, acc))
+    if accuracy_rows:
+        cols = sorted({k for _, acc in accuracy_rows for k in acc})
+        lines += ["", "## Held-out accuracy after each stage", "",
+                  "| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, acc in accuracy_rows:
+            lines.append(f"| {name} | " + " | ".join(_fmt(acc[c]) if c in acc else "-" for c in cols) + " |")
+    lines += ["", "## All metrics", ""]
+    for stage in stages:
+        result = read_stage_result(stage_output_dir(stage))
+        if result:
+            lines.append(f"### {stage.name}")
+            lines += [f"- {k}: {_fmt(v)}" for k, v in result["metrics"].items()]
+            lines += [f"- artifact `{k}`: `{v}`" for k, v in result.get("artifacts", {}).items()]
+            lines.append("")
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict) -> float:
+    cmd = command(stage)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log_path, "a") as log, console.status(f"[{index}/{total}] {stage.name}: running") as status:
+        log.write(f"\n$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            tail = line.strip().replace("[", "(")[-90:]
+            if tail:
+                status.update(f"[{index}/{total}] {stage.name} ({time.time() - start:.0f} s): {tail}")
+        code = proc.wait()
+    if code != 0:
+        tail = log_path.read_text().splitlines()[-25:]
+        console.print("\n".join(tail), markup=False)
+        raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); full log: {log_path}")
+    return time.time() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (recipe,), _, source = parse([PipelineRecipe], argv, prog="python -m pipeline.run")
+    stages = load_stages(recipe, source)
+    out = Path(recipe.output_dir)
+    state_path, report_path = out / "run_state.json", out / "report.md"
+    if recipe.dry_run:
+        for i, stage in enumerate(stages, 1):
+            print(f"[{i}/{len(stages)}] {stage.name} -> {stage_output_dir(stage)}\n    {' '.join(command(stage))}")
+        return {}
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    state["_source"] = source
+    env = {**os.environ, **{k: str(v) for k, v in recipe.env.items()}}
+
+    rerun_from = min((i for i, s in enumerate(stages) if s.name in recipe.rerun), default=None)
+    started = time.time()
+    console.print(f"[bold]{recipe.name}[/bold]: {len(stages)} stages -> {out}  (logs in {out / 'logs'})")
+    for i, stage in enumerate(stages, 1):
+        stage_out, fp = stage_output_dir(stage), fingerprint(stage)
+        if rerun_from is not None and i - 1 >= rerun_from and Path(stage_out).exists():
+            shutil.rmtree(stage_out)
+        done = read_stage_result(stage_out)
+        if done is not None:
+            if state.get(stage.name, {}).get("fingerprint") not in (None, fp):
+                raise RecipeError(f"{source}: stage '{stage.name}': its recipe changed since {stage_out} was made; "
+                                  f"pass --rerun {stage.name} to redo it and the stages after it")
+            console.print(f"[green]✓[/green] [{i}/{len(stages)}] {stage.name}: already done, skipped "
+                          f"({_summary(done['metrics'])})")
+            state.setdefault(stage.name, {}).update(status="done (skipped)", fingerprint=fp)
+            continue
+        try:
+            seconds = run_stage(stage, i, len(stages), out / "logs" / f"{stage.name}.log", env)
+        except RuntimeError as e:
+            state[stage.name] = {"status": "failed", "fingerprint": fp}
+            atomic_write_json(state_path, state)
+            write_report(recipe, stages, state, report_path)
+            console.print(f"[red]✗[/red] {e}")
+            raise SystemExit(1) from None
+        result = read_stage_result(stage_out)
+        if result is None:
+            raise RecipeError(f"stage '{stage.name}' exited 0 but wrote no stage_result.json in {stage_out}")
+        state[stage.name] = {"status": "done", "fingerprint": fp, "seconds": round(seconds, 1)}
+        atomic_write_json(state_path, state)
+        console.print(f"[green]✓[/green] [{i}/{len(stages)}] {stage.name} ({seconds:.0f} s): "
+                      f"{_summary(result['metrics'])}")
+    atomic_write_json(state_path, state)
+    write_report(recipe, stages, state, report_path)
+    console.print(f"\nAll stages done in {time.time() - started:.0f} s. Report: {report_path}\n")
+    console.print(report_path.read_text(), markup=False)
+    return state
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,53 @@
+"""Supervised fine-tuning (full, LoRA or QLoRA) on TRL's SFTTrainer.
+
+    accelerate launch pipeline/sft.py --config recipes/tiny/sft.yaml
+    accelerate launch --config_file accelerate_configs/zero3.yaml pipeline/sft.py \
+        --config recipes/llama-3.1-8b/sft.yaml --learning_rate 1e-5
+    python -m pipeline.sft --config recipes/tiny/sft.yaml --dry_run
+
+Every recipe key can be overridden on the command line. A run resumes from the last checkpoint in
+`output_dir`. The model (or LoRA adapter) is saved to `output_dir` in the standard formats.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch pipeline/sft.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+
+from pipeline.config import DataArguments, ModelArguments, check_training, cli, parse  # noqa: E402
+from pipeline.data import load_train_data  # noqa: E402
+from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path  # noqa: E402
+from pipeline.training import logger, plan, setup_logging, train_and_save  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    (data_args, training_args, model_args), _, source = parse(
+        [DataArguments, SFTConfig, ModelArguments], argv, prog="pipeline/sft.py")
+    check_training(model_args, training_args, data_args, source)
+    if data_args.dry_run:
+        print(plan("sft", source, data_args, training_args, model_args))
+        return None
+    setup_logging(training_args)
+    logger.info("\n%s", plan("sft", source, data_args, training_args, model_args))
+
+    # Model & tokenizer
+    path = resolve_model_path(model_args, source)
+    tokenizer = load_tokenizer(path, model_args)
+    model = load_model(path, model_args, training_args)
+
+    # Data
+    train, evaluation = load_train_data(data_args, "sft", source, seed=training_args.seed)
+
+    # Training
+    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                         processing_class=tokenizer, peft_config=peft_config(model_args))
+    return train_and_save(trainer, "sft")
+
+
+if __name__ == "__main__":
+    cli(main)
