@@ -33,7 +33,7 @@ class Addition(Task):
     """
 
     name = "add"
-    description = "multi-digit addition with one worked step per column"
+    description = "add two numbers column by column, carrying into the next column"
 
     def generate(self, rng: random.Random, difficulty: int = 1) -> Example:
         lo, hi = 10 ** difficulty, 10 ** (difficulty + 1) - 1

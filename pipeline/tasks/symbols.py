@@ -71,13 +71,13 @@ class Reverse(_ListTask):
 
 
 class Sort(_ListTask):
-    """`Sort: 7 2 9` -> `Answer: 2 7 9`. Difficulty d: d+2 numbers below 10**d (d=1: digits)."""
+    """`Sort: 7 2 9 4` -> `Answer: 2 4 7 9`. Difficulty d: d+3 numbers below 10**d (d=1: four digits, 10000 lists)."""
 
     name = "sort"
     description = "sort a short list of numbers ascending"
 
     def generate(self, rng: random.Random, difficulty: int = 1) -> Example:
-        xs = [rng.randrange(10 ** difficulty) for _ in range(difficulty + 2)]
+        xs = [rng.randrange(10 ** difficulty) for _ in range(difficulty + 3)]
         ys = sorted(xs)
         steps = tuple(f"{'smallest' if i == 0 else 'next'} {y}" for i, y in enumerate(ys))
         return Example(self.name, "Sort: " + " ".join(map(str, xs)), " ".join(map(str, ys)), steps, difficulty)
