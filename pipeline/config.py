@@ -66,6 +66,12 @@ class DataArguments(ScriptArguments):
     max_train_samples: int | None = dataclasses.field(
         default=None, metadata={"help": "Keep only the first N training rows (smoke tests)."}
     )
+    eval_tasks: list[str] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "Task-world tasks to score after training (held-out test split, greedy); the accuracy "
+                  "joins the stage's metrics and the staged report."},
+    )
+    eval_examples: int = dataclasses.field(default=50, metadata={"help": "Held-out examples per eval task."})
     accelerate_config: str | None = dataclasses.field(
         default=None,
         metadata={"help": "The accelerate config this recipe is meant to be launched with; cross-checked "
@@ -93,7 +99,9 @@ def _type_name(tp: Any) -> str:
         return "null"
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+        args = typing.get_args(tp)
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        return " | ".join(_type_name(a) for a in args if not (enums and a is str))
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
@@ -111,6 +119,11 @@ def coerce(tp: Any, value: Any) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        enums = [a for a in args if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums and isinstance(value, str):  # `SchedulerType | str`: the string must still name a member
+            if any(value in {e.value for e in en} for en in enums):
+                return value
+            raise _Mismatch
         for arg in args:  # an exact type match wins over a conversion (e.g. dict | str)
             if arg is not type(None) and isinstance(arg, type) and not typing.get_args(arg) and _exact(arg, value):
                 return value
@@ -390,8 +403,6 @@ def zero_stage(training_args, data_args) -> int | None:
 
 def check_training(model_args: ModelArguments, training_args, data_args: DataArguments, source: str) -> None:
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
-    if model_args.load_in_4bit and model_args.load_in_8bit:
-        raise RecipeError(f"{source}: key 'load_in_4bit' conflicts with 'load_in_8bit': choose one")
     if quantized and not model_args.use_peft:
         key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
         raise RecipeError(f"{source}: key '{key}' needs 'use_peft: true' (a quantized base cannot be fully "
@@ -405,6 +416,12 @@ def check_training(model_args: ModelArguments, training_args, data_args: DataArg
     if model_args.ref_model_name_or_path and model_args.use_peft:
         raise RecipeError(f"{source}: key 'ref_model_name_or_path' with 'use_peft: true': the reference is the "
                           "base with adapters disabled; drop one of them")
+    if data_args.eval_tasks:
+        from pipeline.tasks import TASKS
+
+        for task in data_args.eval_tasks:
+            if task not in TASKS:
+                raise RecipeError(f"{source}: key 'eval_tasks': unknown task '{task}' (valid: {', '.join(TASKS)})")
     if not data_args.dataset_name and not data_args.datasets:
         raise RecipeError(f"{source}: no training data: set 'dataset_name' or 'datasets'")
 

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     # Training
     trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
                          eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
-    return train_and_save(trainer, "dpo")
+    return train_and_save(trainer, "dpo", data_args)
 
 
 if __name__ == "__main__":

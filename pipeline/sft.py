@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     # Training
     trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                          processing_class=tokenizer, peft_config=peft_config(model_args))
-    return train_and_save(trainer, "sft")
+    return train_and_save(trainer, "sft", data_args)
 
 
 if __name__ == "__main__":
