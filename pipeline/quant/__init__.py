@@ -1,0 +1,9 @@
+"""Super weights (Yu et al. 2024): detection, super-outlier-aware RTN quantization, and QLoRA that keeps them
+exact. See docs/quant.md.
+
+- `detect`: one-pass detection + causal confirmation; `python -m pipeline.quant.detect` writes the registry.
+- `registry`: the registry JSON (model fingerprint, coordinate checks, published coordinates).
+- `rtn`: block-wise RTN with clipping and restore, RESTORE(Q^-1(Q(CLIP(W)))).
+- `qlora`: `load_quantized_preserving_super_weights` and `merge_adapter_preserving_super_weights`.
+- `evaluate`: planted-super-weight tiny models and fidelity measures.
+"""
