@@ -76,18 +76,22 @@ def quantize_dequantize(w: torch.Tensor, bits: int = 4, block: tuple[int, int] |
 @torch.no_grad()
 def quantize_model_rtn(model, bits: int = 4, block: tuple[int, int] | None = None,
                        clip: Literal["zscore", "percentile"] | None = None, clip_value: float = 3.0,
-                       super_weights: list[SuperWeight] = ()) -> int:
+                       super_weights: list[SuperWeight] = (), restore_activation_rows: bool = False) -> int:
     """Fake-quantize every attention/MLP projection of every decoder layer in place (embeddings, norms and the
-    LM head stay full precision); super weights are restored when `super_weights` is given. A block larger
-    than a matrix is cut to the matrix. Returns the number of matrices quantized."""
+    LM head stay full precision); super weights are restored when `super_weights` is given, and with
+    `restore_activation_rows` also rows `col` of gate_proj/up_proj, which produce the input the super weight
+    multiplies (clipping their outliers shrinks the super activation even when the super weight is exact).
+    A block larger than a matrix is cut to the matrix. Returns the number of matrices quantized."""
     n = 0
     for name, mod in model.named_modules():
         m = LINEAR_RE.search(name)
         if not m:
             continue
         layer, proj = int(m.group(1)), m.group(3)
-        restore = [(s.row, s.col) for s in super_weights if proj == "down_proj" and s.layer == layer]
         w = mod.weight
+        restore = [(s.row, s.col) for s in super_weights if proj == "down_proj" and s.layer == layer]
+        if restore_activation_rows and proj in ("gate_proj", "up_proj"):
+            restore += [(s.col, j) for s in super_weights if s.layer == layer for j in range(w.shape[1])]
         blk = None if block is None else (min(block[0], w.shape[0]), min(block[1], w.shape[1]))
         w.copy_(quantize_dequantize(w, bits, blk, clip, clip_value, restore))
         n += 1
