@@ -12,6 +12,8 @@ from pipeline.quant.registry import (SuperWeight, load_registry, make_registry, 
                                      save_registry)
 from pipeline.quant.rtn import quantize_dequantize, quantize_model_rtn
 
+V = Plant().value  # the planted super weight
+
 
 @pytest.fixture(scope="module")
 def tok(tiny_model_dir):
@@ -40,7 +42,7 @@ def planted_dir(tiny_model_dir, tok, tmp_path_factory):
 def test_detection_finds_planted_super_weight_exactly(planted_dir, tiny_model_dir, tok):
     ids = encode_prompt(tok, "the answer is 12 = 12.")
     sws, trace = detect_super_weights(load(planted_dir), ids)
-    assert [(s.layer, s.row, s.col, s.value) for s in sws] == [(1, 17, 100, 16.0)]
+    assert [(s.layer, s.row, s.col, s.value) for s in sws] == [(1, 17, 100, V)]
     assert trace["spike_over_median"][1] > 50 and trace["per_layer_after_removal"] is not None
     clean, trace = detect_super_weights(load(tiny_model_dir), ids)
     assert clean == [] and max(trace["spike_over_median"]) < 50
@@ -64,12 +66,12 @@ def test_detect_cli_writes_registry_and_plot(planted_dir, tmp_path):
     assert reg["confirmation"]["confirmed"] and reg["published"] is None
     assert out.with_suffix(".png").stat().st_size > 1000
     sws = load_registry(out, load(planted_dir))  # round trip against the same model
-    assert sws == [SuperWeight(1, 17, 100, 16.0)]
+    assert sws == [SuperWeight(1, 17, 100, V)]
 
 
 def test_registry_rejects_other_model_and_bad_coordinates(planted_dir, tiny_model_dir, tmp_path):
     model = load(planted_dir)
-    reg = make_registry(model, [SuperWeight(1, 17, 100, 16.0)])
+    reg = make_registry(model, [SuperWeight(1, 17, 100, V)])
     path = save_registry(reg, tmp_path / "r.json")
     from transformers import AutoModelForCausalLM
 
@@ -139,7 +141,7 @@ def test_rtn_clip_restore_recovers_fidelity_at_whole_tensor(planted_dir, tok):
 
     ids = copy_task_ids(tok, 16, seed=3)
     ref = load(planted_dir)
-    sw = SuperWeight(1, 17, 100, 16.0)
+    sw = SuperWeight(1, 17, 100, V)
     ref_logits = ref(input_ids=ids).logits
     ref_sa = fidelity(ref, ids, sw=sw)["super_activation"]
     kl, sa = {}, {}

@@ -10,7 +10,8 @@ from pipeline.quant.qlora import (REGISTRY_NAME, check_exact, load_quantized_pre
 from pipeline.quant.registry import SuperWeight, read_registry
 
 bnb = pytest.importorskip("bitsandbytes")
-SW = SuperWeight(1, 17, 100, 16.0)
+V = Plant().value  # the planted super weight
+SW = SuperWeight(1, 17, 100, V)
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def planted_dir(tiny_model_dir, tmp_path_factory):
 
 def test_hook_path_equals_dequantized_weights_with_exact_super_weight(planted_dir, tmp_path):
     model, reg = load_quantized_preserving_super_weights(str(planted_dir), load_in_4bit=True, output_dir=str(tmp_path))
-    assert [(s["layer"], s["row"], s["col"], s["value"]) for s in reg["super_weights"]] == [(1, 17, 100, 16.0)]
+    assert [(s["layer"], s["row"], s["col"], s["value"]) for s in reg["super_weights"]] == [(1, 17, 100, V)]
     assert (tmp_path / REGISTRY_NAME).is_file()
     down = model.model.layers[1].mlp.down_proj
     assert isinstance(down, bnb.nn.Linear4bit) and isinstance(model.model.layers[0].mlp.down_proj, bnb.nn.Linear4bit)
@@ -38,7 +39,7 @@ def test_hook_path_equals_dequantized_weights_with_exact_super_weight(planted_di
     x = torch.randn(3, 5, 128)
     with torch.no_grad():
         expected = x @ w_q.T
-        expected[..., 17] += x[..., 100] * 16.0
+        expected[..., 17] += x[..., 100] * V
         torch.testing.assert_close(down(x), expected, rtol=1e-5, atol=1e-5)
     # Block-mates of the super weight quantize with a normal scale once it is held out.
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -106,7 +107,7 @@ def test_merge_with_down_proj_lora_adds_delta_to_exact_super_weight(planted_dir,
     ).base_model.model.model.layers[1].mlp.down_proj.get_delta_weight("default")
     merged = merge_adapter_preserving_super_weights(str(planted_dir), str(out))
     w = merged.model.layers[1].mlp.down_proj.weight
-    assert w[17, 100].item() == (torch.tensor(16.0) + delta[17, 100]).item()
+    assert w[17, 100].item() == (torch.tensor(V) + delta[17, 100]).item()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, lora_out, rtol=0, atol=1e-4)
 
@@ -125,4 +126,4 @@ def test_8bit_base_keeps_super_weight(planted_dir):
     x[..., 100] = 1.0
     with torch.no_grad():
         y = down(x)
-    assert abs(y[0, 0, 17].item() - 16.0) < 0.05  # int8 row of the SW is ~0 there; the hook adds 16 exactly
+    assert abs(y[0, 0, 17].item() - V) < 0.05  # int8 row of the SW is ~0 there; the hook adds V exactly

@@ -27,7 +27,7 @@ class Plant:
     flag_value: float = 10.0  # its embedding value on BOS (0 on every other token)
     norm_gain: float = 20.0  # post_attention_layernorm weight on the flag dimension
     gate: float = 0.12  # gate/up weights reading the flag (a normal-sized weight)
-    value: float = 16.0  # the super weight (~100x the largest other weights of a trained tiny model)
+    value: float = 32.0  # the super weight (~100x the largest other weights of a trained tiny model)
 
 
 @torch.no_grad()
