@@ -28,7 +28,6 @@ from pipeline.config import cli, parse
 from pipeline.io import atomic_write_json
 
 logger = logging.getLogger("bench_quant")
-BLOCKS = {"16x16": (16, 16), "32x32": (32, 32), "64x64": (64, 64), "whole": None}
 RTN_VARIANTS = {  # name: (clip, restore SW, restore gate/up rows)
     "rtn": (None, False, False), "rtn+clip": ("zscore", False, False),
     "rtn+clip+restore": ("zscore", True, False), "rtn+clip+restore+rows": ("zscore", True, True)}
@@ -37,6 +36,15 @@ RTN_VARIANTS = {  # name: (clip, restore SW, restore gate/up rows)
 @dataclasses.dataclass
 class BenchArguments:
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    intermediate_size: int = 256
+    num_attention_heads: int = 4
+    plant_layers: list[int] = dataclasses.field(default_factory=lambda: [0, 1],
+                                                metadata={"help": "The planted layer is drawn from these per seed."})
+    blocks: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 0],
+                                          metadata={"help": "Square RTN block sizes; 0 = the whole tensor."})
+    device: str = "cpu"
     train_steps: int = 400
     qlora_steps: int = 40
     clip_z: float = 3.0
@@ -53,19 +61,20 @@ def train_pair(args, seed: int, work: Path):
     from pipeline.tiny import TinyModelSpec, build_tiny_model
 
     base = build_tiny_model(TinyModelSpec(
-        output_dir=str(work / "base"), hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=256, vocab_size=512, max_position_embeddings=256, seed=seed))
+        output_dir=str(work / "base"), hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
+        num_attention_heads=args.num_attention_heads, num_key_value_heads=args.num_attention_heads // 2,
+        intermediate_size=args.intermediate_size, vocab_size=512, max_position_embeddings=256, seed=seed))
     rng = random.Random(seed)
-    row, flag = rng.sample(range(64), 2)
-    plant = Plant(layer=rng.randrange(2), row=row, col=rng.randrange(256), flag=flag)
+    row, flag = rng.sample(range(args.hidden_size), 2)
+    plant = Plant(layer=rng.choice(args.plant_layers), row=row, col=rng.randrange(args.intermediate_size), flag=flag)
     tok = AutoTokenizer.from_pretrained(base)
-    ids = copy_task_ids(tok, 2048, seed=seed)
+    ids = copy_task_ids(tok, 2048, seed=seed).to(DEVICE)
     out = {}
     for name in ("planted", "control"):
         d = work / name
         if not (d / "config.json").is_file():
             torch.manual_seed(seed)
-            m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+            m = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).to(DEVICE)
             reimpose = None
             if name == "planted":
                 plant_super_weight(m, tok.bos_token_id, plant)
@@ -80,10 +89,17 @@ def train_pair(args, seed: int, work: Path):
     return out["planted"], out["control"], plant, tok
 
 
+DEVICE = "cpu"  # set from --device
+
+
 def load(path):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(DEVICE).eval()
+
+
+def device_map():
+    return {"": DEVICE}
 
 
 @torch.no_grad()
@@ -108,7 +124,7 @@ def zero_vs_null(model, sw, ev, n_null=5) -> dict:
 
 
 @torch.no_grad()
-def rtn_grid(path, sws, ev, clip_z) -> dict:
+def rtn_grid(path, sws, ev, clip_z, blocks) -> dict:
     from pipeline.quant.evaluate import fidelity
     from pipeline.quant.rtn import quantize_model_rtn
 
@@ -117,7 +133,7 @@ def rtn_grid(path, sws, ev, clip_z) -> dict:
     sw = sws[0] if sws else None
     ref_sa = fidelity(ref, ev, sw=sw).get("super_activation")
     out = {}
-    for bname, block in BLOCKS.items():
+    for bname, block in blocks.items():
         for vname, (clip, restore, rows) in RTN_VARIANTS.items():
             if not sws and (restore or rows):
                 continue
@@ -139,15 +155,28 @@ def nf4_variants(path, ev, reg_path) -> dict:
     ref_logits = ref(input_ids=ev).logits
     ref_sa = fidelity(ref, ev, sw=sw)["super_activation"]
     out = {}
-    plain = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4")).eval()
-    disable_cpu_packing(plain)
-    out["nf4"] = fidelity(plain, ev, ref_logits, sw, ref_sa)
+    for name, double_quant in (("nf4", False), ("nf4+double_quant", True)):
+        plain = AutoModelForCausalLM.from_pretrained(path, device_map=device_map(), quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant)).eval()
+        disable_cpu_packing(plain)
+        out[name] = fidelity(plain, ev, ref_logits, sw, ref_sa) | {"sw_error": sw_error(plain, sw)}
     for name, rows in (("nf4+holdout_sw", False), ("nf4+holdout_sw+rows", True)):
         m, _ = load_quantized_preserving_super_weights(str(path), registry_path=str(reg_path),
-                                                       protect_activation_rows=rows)
-        out[name] = fidelity(m.eval(), ev, ref_logits, sw, ref_sa)
+                                                       protect_activation_rows=rows, device_map=device_map())
+        out[name] = fidelity(m.eval(), ev, ref_logits, sw, ref_sa) | {"sw_error": sw_error(m, sw)}
     return out
+
+
+@torch.no_grad()
+def sw_error(model, sw) -> float:
+    """Effective super weight of a bitsandbytes model minus the fp value: the response of output `row` to a unit
+    input on channel `col` (includes a hook, if any)."""
+    from pipeline.quant.detect import down_projs
+
+    mod = down_projs(model)[sw.layer]
+    x = torch.zeros(1, 1, mod.in_features, device=DEVICE)
+    x[..., sw.col] = 1.0
+    return mod(x)[0, 0, sw.row].item() - sw.value
 
 
 def qlora(path, reg_path, tok, seed, steps, work: Path) -> dict:
@@ -161,8 +190,8 @@ def qlora(path, reg_path, tok, seed, steps, work: Path) -> dict:
 
     ref = load(path)
     sw = load_registry(reg_path, ref)[0]
-    data = copy_task_ids(tok, 1024, digits=8, seed=1000 + seed)
-    ev = copy_task_ids(tok, 128, digits=8, seed=2000 + seed)
+    data = copy_task_ids(tok, 1024, seed=1000 + seed).to(DEVICE)  # fresh samples of the task it was trained on
+    ev = copy_task_ids(tok, 128, seed=2000 + seed).to(DEVICE)
     ref_sa = super_activation(ref, ev, sw)
     lora = dict(r=8, lora_alpha=16, lora_dropout=0.0,
                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -171,12 +200,12 @@ def qlora(path, reg_path, tok, seed, steps, work: Path) -> dict:
         torch.manual_seed(seed)
         adapter = work / f"qlora_{name}"
         if name == "plain_nf4":
-            m = AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(
+            m = AutoModelForCausalLM.from_pretrained(path, device_map=device_map(), quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4"))
             disable_cpu_packing(m)
         else:
             m, _ = load_quantized_preserving_super_weights(str(path), registry_path=str(reg_path),
-                                                           output_dir=str(adapter))
+                                                           output_dir=str(adapter), device_map=device_map())
         m = get_peft_model(m, LoraConfig(**lora))
         probe = lambda: {"sa_rel": super_activation(m, ev, sw) / ref_sa}  # noqa: E731
         log = [{"step": 0, "sa_rel": probe()["sa_rel"]}]
@@ -188,9 +217,9 @@ def qlora(path, reg_path, tok, seed, steps, work: Path) -> dict:
         m.save_pretrained(adapter)
         # LoRA's own delta at the SW entry: an exact merge gives w_sw + delta, computed in fp32 like PEFT does
         delta = m.base_model.model.model.layers[sw.layer].mlp.down_proj.get_delta_weight("default")
-        want = (torch.tensor(sw.value) + delta[sw.row, sw.col].detach().float()).item()
+        want = (torch.tensor(sw.value) + delta[sw.row, sw.col].detach().float().cpu()).item()
         if name == "holdout_sw":
-            merged = merge_adapter_preserving_super_weights(str(path), str(adapter)).eval()
+            merged = merge_adapter_preserving_super_weights(str(path), str(adapter), device_map=device_map()).eval()
             res["registry_in_adapter_dir"] = (adapter / REGISTRY_NAME).is_file()
         else:  # plain QLoRA merge: PEFT merges into the 4-bit weights (re-quantizing them), then dequantize
             merged = m.merge_and_unload().dequantize().eval()
@@ -204,6 +233,10 @@ def qlora(path, reg_path, tok, seed, steps, work: Path) -> dict:
     return out
 
 
+def block_names(blocks: list[int]) -> dict:
+    return {(f"{b}x{b}" if b else "whole"): ((b, b) if b else None) for b in blocks}
+
+
 def plot(results: dict, path: str) -> None:
     import matplotlib
 
@@ -211,6 +244,7 @@ def plot(results: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     seeds = list(results["seeds"])
+    BLOCKS = block_names(results["config"]["blocks"])
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     ax = axes[0]
     for s in seeds[:1]:
@@ -249,6 +283,7 @@ def plot(results: dict, path: str) -> None:
 
 def summarize(results: dict) -> dict:
     seeds = list(results["seeds"])
+    BLOCKS = block_names(results["config"]["blocks"])
     r = results["seeds"]
     mean = lambda xs: statistics.mean(xs)  # noqa: E731
     summ = {
@@ -262,11 +297,16 @@ def summarize(results: dict) -> dict:
                             for k in ("nll", "copy_acc")},
         "kl_zero_sw_over_null": [r[s]["zero_vs_null"]["zero_sw"]["kl"] / r[s]["zero_vs_null"]["null_mean"]["kl"]
                                  for s in seeds],
-        "rtn_kl_vs_plain": {b: {v: mean(r[s]["rtn"]["planted"][f"{b}/{v}"]["kl"] / r[s]["rtn"]["planted"][f"{b}/rtn"]["kl"]
-                                        for s in seeds) for v in RTN_VARIANTS} for b in BLOCKS},
+        "rtn_mean_kl": {b: {v: mean(r[s]["rtn"]["planted"][f"{b}/{v}"]["kl"] for s in seeds) for v in RTN_VARIANTS}
+                        for b in BLOCKS},
+        # per seed: fraction of plain RTN's KL that the variant removes (negative = worse than plain RTN)
+        "rtn_kl_recovered_per_seed": {b: {v: [1 - r[s]["rtn"]["planted"][f"{b}/{v}"]["kl"] / r[s]["rtn"]["planted"][f"{b}/rtn"]["kl"]
+                                              for s in seeds] for v in list(RTN_VARIANTS)[1:]} for b in BLOCKS},
+        "rtn_control_mean_kl": {b: {v: mean(r[s]["rtn"]["control"][f"{b}/{v}"]["kl"] for s in seeds)
+                                    for v in ("rtn", "rtn+clip")} for b in BLOCKS},
         "rtn_sa_rel_err": {b: {v: mean(r[s]["rtn"]["planted"][f"{b}/{v}"]["sa_rel_err"] for s in seeds)
                                for v in RTN_VARIANTS} for b in BLOCKS},
-        "nf4": {k: {m: mean(r[s]["nf4"][k][m] for s in seeds) for m in ("kl", "sa_rel_err", "copy_acc")}
+        "nf4": {k: {m: mean(r[s]["nf4"][k][m] for s in seeds) for m in ("kl", "sa_rel_err", "copy_acc", "sw_error")}
                 for k in r[seeds[0]]["nf4"]},
         "qlora_merged_sw_bit_exact": {k: [r[s]["qlora"][k]["merged_sw_bit_exact"] for s in seeds]
                                       for k in ("plain_nf4", "holdout_sw")},
@@ -276,13 +316,17 @@ def summarize(results: dict) -> dict:
                                        for k in ("plain_nf4", "holdout_sw")},
         "qlora_sa_rel_final": {k: [r[s]["qlora"][k]["sa_during_finetune"][-1]["sa_rel"] for s in seeds]
                                for k in ("plain_nf4", "holdout_sw")},
+        "qlora_final_copy_acc": {k: [r[s]["qlora"][k]["final"]["copy_acc"] for s in seeds]
+                                 for k in ("plain_nf4", "holdout_sw")},
     }
     return summ
 
 
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    global DEVICE
     (args,), _, _ = parse([BenchArguments], argv, prog="scripts/bench_quant.py")
+    DEVICE = args.device
     from pipeline.quant.detect import DEFAULT_PROMPT, detect_super_weights, encode_prompt, spike_ratios
     from pipeline.quant.evaluate import copy_task_ids
     from pipeline.quant.registry import make_registry, save_registry
@@ -292,8 +336,8 @@ def main(argv=None):
     for seed in args.seeds:
         work = Path(args.work_dir) / f"seed{seed}"
         planted, control, plant, tok = train_pair(args, seed, work)
-        ev = copy_task_ids(tok, 128, seed=10_000 + seed)
-        ids = encode_prompt(tok, DEFAULT_PROMPT)
+        ev = copy_task_ids(tok, 128, seed=10_000 + seed).to(DEVICE)
+        ids = encode_prompt(tok, DEFAULT_PROMPT).to(DEVICE)
         res = {"plant": dataclasses.asdict(plant), "detection": {}}
         found = {}
         for kind, path in (("planted", planted), ("control", control)):
@@ -309,8 +353,9 @@ def main(argv=None):
                                          work / "super_weights.json")
         sw = found["planted"][0]
         res["zero_vs_null"] = zero_vs_null(load(planted), sw, ev)
-        res["rtn"] = {"planted": rtn_grid(planted, found["planted"], ev, args.clip_z),
-                      "control": rtn_grid(control, [], ev, args.clip_z)}
+        blocks = block_names(args.blocks)
+        res["rtn"] = {"planted": rtn_grid(planted, found["planted"], ev, args.clip_z, blocks),
+                      "control": rtn_grid(control, [], ev, args.clip_z, blocks)}
         res["nf4"] = nf4_variants(planted, ev, reg_path)
         res["qlora"] = qlora(planted, reg_path, tok, seed, args.qlora_steps, work)
         results["seeds"][seed] = res

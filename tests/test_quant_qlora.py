@@ -127,3 +127,11 @@ def test_8bit_base_keeps_super_weight(planted_dir):
     with torch.no_grad():
         y = down(x)
     assert abs(y[0, 0, 17].item() - V) < 0.05  # int8 row of the SW is ~0 there; the hook adds V exactly
+
+
+def test_model_without_super_weights_loads_as_plain_qlora(tiny_model_dir, tmp_path):
+    model, reg = load_quantized_preserving_super_weights(str(tiny_model_dir), output_dir=str(tmp_path))
+    assert reg["super_weights"] == [] and read_registry(tmp_path / REGISTRY_NAME)["super_weights"] == []
+    lin = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
+    assert lin and all(isinstance(m, bnb.nn.Linear4bit) for m in lin)
+    assert not any(hasattr(m, "super_weight_hook") for m in model.modules())

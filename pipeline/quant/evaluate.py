@@ -69,7 +69,7 @@ def train_lm(model, ids: torch.Tensor, steps: int, lr: float = 3e-3, batch: int 
     model.train()
     log = []
     for step in range(1, steps + 1):
-        idx = torch.randint(0, ids.shape[0], (batch,), generator=g)
+        idx = torch.randint(0, ids.shape[0], (batch,), generator=g).to(ids.device)
         loss = model(input_ids=ids[idx], labels=ids[idx]).loss
         opt.zero_grad()
         loss.backward()
