@@ -44,6 +44,7 @@ class BenchArguments:
                                                 metadata={"help": "The planted layer is drawn from these per seed."})
     blocks: list[int] = dataclasses.field(default_factory=lambda: [16, 32, 64, 0],
                                           metadata={"help": "Square RTN block sizes; 0 = the whole tensor."})
+    plant_gate: float = dataclasses.field(default=0.12, metadata={"help": "Plant.gate; smaller for wider models."})
     device: str = "cpu"
     train_steps: int = 400
     qlora_steps: int = 40
@@ -66,7 +67,8 @@ def train_pair(args, seed: int, work: Path):
         intermediate_size=args.intermediate_size, vocab_size=512, max_position_embeddings=256, seed=seed))
     rng = random.Random(seed)
     row, flag = rng.sample(range(args.hidden_size), 2)
-    plant = Plant(layer=rng.choice(args.plant_layers), row=row, col=rng.randrange(args.intermediate_size), flag=flag)
+    plant = Plant(layer=rng.choice(args.plant_layers), row=row, col=rng.randrange(args.intermediate_size), flag=flag,
+                  gate=args.plant_gate)
     tok = AutoTokenizer.from_pretrained(base)
     ids = copy_task_ids(tok, 2048, seed=seed).to(DEVICE)
     out = {}
@@ -329,7 +331,7 @@ def main(argv=None):
     DEVICE = args.device
     from pipeline.quant.detect import DEFAULT_PROMPT, detect_super_weights, encode_prompt, spike_ratios
     from pipeline.quant.evaluate import copy_task_ids
-    from pipeline.quant.registry import make_registry, save_registry
+    from pipeline.quant.registry import SuperWeight, make_registry, save_registry
 
     t0 = time.time()
     results = {"config": dataclasses.asdict(args), "seeds": {}}
@@ -351,6 +353,11 @@ def main(argv=None):
             if kind == "planted":
                 reg_path = save_registry(make_registry(model, sws, name_or_path=str(path), detection=trace),
                                          work / "super_weights.json")
+        if not found["planted"]:  # a miss is a result; the other experiments still need the (known) plant
+            logger.warning("seed %d: detector missed the planted super weight; using its planted coordinates", seed)
+            found["planted"] = [SuperWeight(plant.layer, plant.row, plant.col, plant.value)]
+            reg_path = save_registry(make_registry(load(planted), found["planted"], name_or_path=str(planted)),
+                                     work / "super_weights.json")
         sw = found["planted"][0]
         res["zero_vs_null"] = zero_vs_null(load(planted), sw, ev)
         blocks = block_names(args.blocks)

@@ -26,7 +26,8 @@ class Plant:
     flag: int = 5  # residual dimension that marks BOS
     flag_value: float = 10.0  # its embedding value on BOS (0 on every other token)
     norm_gain: float = 20.0  # post_attention_layernorm weight on the flag dimension
-    gate: float = 0.12  # gate/up weights reading the flag (a normal-sized weight)
+    gate: float = 0.12  # gate/up weights reading the flag (RMSNorm makes the one-hot flag ~sqrt(hidden) x
+    #                     norm_gain large, so wider models want a smaller value)
     value: float = 32.0  # the super weight (~100x the largest other weights of a trained tiny model)
 
 
