@@ -135,3 +135,27 @@ def test_model_without_super_weights_loads_as_plain_qlora(tiny_model_dir, tmp_pa
     lin = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers." in n]
     assert lin and all(isinstance(m, bnb.nn.Linear4bit) for m in lin)
     assert not any(hasattr(m, "super_weight_hook") for m in model.modules())
+
+
+@pytest.mark.slow
+def test_trl_sft_trainer_with_preserved_super_weight(planted_dir, tmp_path):
+    """The call sequence the SFT stage uses: our loader, then TRL's SFTTrainer with a LoRA config."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    out = tmp_path / "sft"
+    model, _ = load_quantized_preserving_super_weights(str(planted_dir), load_in_4bit=True, output_dir=str(out))
+    rows = [{"messages": [{"role": "user", "content": f"copy {i}"}, {"role": "assistant", "content": str(i)}]}
+            for i in range(16)]
+    trainer = SFTTrainer(
+        model=model, processing_class=AutoTokenizer.from_pretrained(planted_dir), train_dataset=Dataset.from_list(rows),
+        args=SFTConfig(output_dir=str(out), max_steps=2, per_device_train_batch_size=4, use_cpu=True, bf16=False,
+                       report_to=[], save_strategy="no", gradient_checkpointing=True),
+        peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert hasattr(trainer.model.base_model.model.model.layers[1].mlp.down_proj, "super_weight_hook")  # not a LoRA target
+    trainer.train()
+    trainer.save_model(str(out))
+    merged = merge_adapter_preserving_super_weights(str(planted_dir), str(out))
+    assert check_exact(merged, [SW]) == [True]
