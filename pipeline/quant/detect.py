@@ -36,7 +36,8 @@ class DetectArguments:
     output: str = dataclasses.field(default="", metadata={"help": "Registry JSON to write (PNG goes next to it)."})
     prompt: str = dataclasses.field(default=DEFAULT_PROMPT, metadata={"help": "One prompt is enough."})
     spike_ratio: float = dataclasses.field(
-        default=50.0, metadata={"help": "A layer spikes when its max |down_proj output| exceeds this x the median of the other layers'."})
+        default=50.0, metadata={"help": "A layer spikes when its max |down_proj output| exceeds this x the median "
+                                "of the other layers' maxima."})
     weight_ratio: float = dataclasses.field(
         default=20.0, metadata={"help": "A candidate must also be an outlier weight: |w| > this x median |w| of its "
                                 "matrix (after a super weight is zeroed, its huge input times ordinary weights "

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 
 from pipeline.config import RecipeError
-from pipeline.quant.registry import (SuperWeight, fingerprint, load_registry, make_registry, read_registry,
-                                     registry_super_weights, save_registry)
+from pipeline.quant.registry import (SuperWeight, load_registry, make_registry, read_registry, registry_super_weights,
+                                     save_registry)
 
 logger = logging.getLogger(__name__)
 
@@ -124,8 +124,8 @@ def load_quantized_preserving_super_weights(
     bnb_4bit_quant_type: str = "nf4", bnb_4bit_use_double_quant: bool = False,
     bnb_4bit_compute_dtype: torch.dtype | None = None, llm_int8_threshold: float = 6.0,
     registry_path: str | None = None, output_dir: str | None = None, dtype: torch.dtype = torch.float32,
-    protect_activation_rows: bool = False, detect_prompt: str | None = None, spike_ratio: float = 50.0, weight_ratio: float = 20.0,
-    device_map=None, trust_remote_code: bool = False,
+    protect_activation_rows: bool = False, detect_prompt: str | None = None, spike_ratio: float = 50.0,
+    weight_ratio: float = 20.0, device_map=None, trust_remote_code: bool = False,
 ):
     """A transformers model with a bitsandbytes base whose super weights (and, optionally, the gate/up rows that
     feed them) are held out of quantization and added back exactly by forward hooks.
@@ -178,15 +178,17 @@ def load_quantized_preserving_super_weights(
         for name, entries in holdouts.items():
             lin = modules[name]
             if type(lin) is not torch.nn.Linear:
-                raise RecipeError(f"{name}: expected a full-precision Linear before quantizing, got {type(lin).__name__}")
+                raise RecipeError(f"{name}: expected a full-precision Linear before quantizing, "
+                                  f"got {type(lin).__name__}")
             rows = torch.tensor([r for r, _ in entries])
             cols = torch.tensor([c for _, c in entries])
             vals = lin.weight.data[rows, cols].clone()
-            for sw in sws:
-                if sw.module == name and lin.weight.data[sw.row, sw.col] != torch.tensor(sw.value, dtype=lin.weight.dtype):
-                    raise RecipeError(f"{registry_path or 'detected registry'}: super weight {(sw.layer, sw.row, sw.col)} "
-                                      f"is {sw.value!r} in the registry but {lin.weight[sw.row, sw.col].item()!r} "
-                                      f"in {model_name_or_path}")
+            for sw in sws:  # a registry value that the checkpoint does not hold means the wrong model/registry
+                got = lin.weight.data[sw.row, sw.col]
+                if sw.module == name and got != torch.tensor(sw.value, dtype=got.dtype):
+                    raise RecipeError(f"{registry_path or 'detected registry'}: super weight "
+                                      f"{(sw.layer, sw.row, sw.col)} is {sw.value!r} in the registry but "
+                                      f"{got.item()!r} in {model_name_or_path}")
             lin.weight.data[rows, cols] = 0  # block-mates now quantize with a normal scale
             parent_name, _, child = name.rpartition(".")
             model.get_submodule(parent_name).__setattr__(child, _quantized_copy(lin, cfg))
@@ -245,7 +247,3 @@ def check_exact(model, super_weights: list[SuperWeight]) -> list[bool]:
     modules = _named_linear(model)
     return [bool(modules[s.module].weight[s.row, s.col].item() == s.value) for s in super_weights]
 
-
-__all__ = ["load_quantized_preserving_super_weights", "merge_adapter_preserving_super_weights",
-           "attach_holdout_hooks", "holdout_entries", "disable_cpu_packing", "check_exact", "fingerprint",
-           "REGISTRY_NAME"]

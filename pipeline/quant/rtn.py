@@ -17,7 +17,8 @@ import torch
 
 from pipeline.quant.registry import SuperWeight
 
-LINEAR_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
+LINEAR_RE = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(self_attn|mlp)\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$")
 
 
 def _blocks(w: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
