@@ -1,7 +1,7 @@
 """Benchmark: super weights in tiny models with a planted, trained-with super weight (CPU, a few minutes).
 
 Per seed: a 4-layer Llama (hidden 64) is trained on a copy task twice, once with a planted BOS -> super
-activation circuit held in place (pipeline.quant.evaluate) and once without (control). Then:
+activation circuit held in place (pipeline.quant.plant) and once without (control). Then:
   1. detection on both (exact coordinates? anything flagged in the control?);
   2. zeroing the super weight vs magnitude-matched nulls (NLL, copy accuracy, KL to the fp model);
   3. INT4 RTN of every projection: plain vs clip vs clip+restore(SW) vs clip+restore(SW + gate/up rows),
@@ -58,7 +58,7 @@ def train_pair(args, seed: int, work: Path):
     """(planted_dir, control_dir, plant), trained once and reused on later runs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from pipeline.quant.evaluate import Plant, copy_task_ids, plant_super_weight, train_lm
+    from pipeline.quant.plant import Plant, copy_task_ids, plant_super_weight, train_lm
     from pipeline.tiny import TinyModelSpec, build_tiny_model
 
     base = build_tiny_model(TinyModelSpec(
@@ -185,7 +185,8 @@ def qlora(path, reg_path, tok, seed, steps, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from pipeline.quant.evaluate import copy_task_ids, fidelity, super_activation, train_lm
+    from pipeline.quant.evaluate import fidelity, super_activation
+    from pipeline.quant.plant import copy_task_ids, train_lm
     from pipeline.quant.qlora import (REGISTRY_NAME, disable_cpu_packing,
                                       load_quantized_preserving_super_weights, merge_adapter_preserving_super_weights)
     from pipeline.quant.registry import load_registry
@@ -330,7 +331,7 @@ def main(argv=None):
     (args,), _, _ = parse([BenchArguments], argv, prog="scripts/bench_quant.py")
     DEVICE = args.device
     from pipeline.quant.detect import DEFAULT_PROMPT, detect_super_weights, encode_prompt, spike_ratios
-    from pipeline.quant.evaluate import copy_task_ids
+    from pipeline.quant.plant import copy_task_ids
     from pipeline.quant.registry import SuperWeight, make_registry, save_registry
 
     t0 = time.time()

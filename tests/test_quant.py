@@ -7,7 +7,8 @@ import torch
 
 from pipeline.config import RecipeError
 from pipeline.quant.detect import confirm_super_weights, detect_super_weights, encode_prompt, main as detect_main
-from pipeline.quant.evaluate import Plant, fidelity, plant_super_weight
+from pipeline.quant.evaluate import fidelity
+from pipeline.quant.plant import Plant, plant_super_weight
 from pipeline.quant.registry import (SuperWeight, load_registry, make_registry, published_match, read_registry,
                                      save_registry)
 from pipeline.quant.rtn import quantize_dequantize, quantize_model_rtn
@@ -137,7 +138,7 @@ def test_rtn_error_bound_clip_and_restore():
 
 
 def test_rtn_clip_restore_recovers_fidelity_at_whole_tensor(planted_dir, tok):
-    from pipeline.quant.evaluate import copy_task_ids
+    from pipeline.quant.plant import copy_task_ids
 
     ids = copy_task_ids(tok, 16, seed=3)
     ref = load(planted_dir)
@@ -156,3 +157,19 @@ def test_rtn_clip_restore_recovers_fidelity_at_whole_tensor(planted_dir, tok):
     # Clipping kills the super activation; restoring the SW alone does not bring it back here, because the
     # planted gate/up weights feeding it are outliers that clipping shrinks too; restoring those rows does.
     assert sa["clip"] > 0.5 and sa["clip_restore_rows"] < 0.1
+
+
+def test_plant_cli_writes_a_model_with_a_detectable_super_weight(tiny_model_dir, tok, tmp_path, capsys):
+    from pipeline.config import cli
+    from pipeline.io import read_stage_result
+    from pipeline.quant.plant import main as plant_main
+
+    out = tmp_path / "base_sw"
+    plant_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_steps", "5"])
+    assert read_stage_result(out)["metrics"]["super_activation"] > 100
+    sws, _ = detect_super_weights(load(out), encode_prompt(tok, "12 = 12"))
+    assert [(s.layer, s.row, s.col) for s in sws] == [(1, 17, 100)]
+    with pytest.raises(SystemExit) as e:
+        cli(plant_main, ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "x"),
+                         "--col", "128"])
+    assert e.value.code == 2 and "key 'col' = 128 is outside [0, 128)" in capsys.readouterr().err

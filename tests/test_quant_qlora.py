@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pipeline.config import RecipeError
-from pipeline.quant.evaluate import Plant, copy_task_ids, plant_super_weight
+from pipeline.quant.plant import Plant, copy_task_ids, plant_super_weight
 from pipeline.quant.qlora import (REGISTRY_NAME, check_exact, load_quantized_preserving_super_weights,
                                   merge_adapter_preserving_super_weights)
 from pipeline.quant.registry import SuperWeight, read_registry

@@ -5,5 +5,6 @@ exact. See docs/quant.md.
 - `registry`: the registry JSON (model fingerprint, coordinate checks, published coordinates).
 - `rtn`: block-wise RTN with clipping and restore, RESTORE(Q^-1(Q(CLIP(W)))).
 - `qlora`: `load_quantized_preserving_super_weights` and `merge_adapter_preserving_super_weights`.
-- `evaluate`: planted-super-weight tiny models and fidelity measures.
+- `plant`: tiny models with a planted super weight trained in place; `python -m pipeline.quant.plant`.
+- `evaluate`: fidelity measures (KL, NLL, copy accuracy, super activation).
 """
