@@ -85,21 +85,21 @@ def _named_linear(model) -> dict[str, torch.nn.Module]:
     return out
 
 
-def _quantized_copy(linear: torch.nn.Linear, cfg, quant_storage=None):
+def _quantized_copy(linear: torch.nn.Linear, cfg):
     """A bitsandbytes module quantized from `linear`'s (already edited) full-precision weight, with the
     same settings transformers used for every other layer."""
     import bitsandbytes as bnb
 
     w, bias = linear.weight.data, linear.bias is not None
     device = w.device
+    storage = cfg.bnb_4bit_quant_storage or torch.uint8
     if cfg.load_in_4bit:
         new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias,
                                 compute_dtype=cfg.bnb_4bit_compute_dtype, quant_type=cfg.bnb_4bit_quant_type,
-                                compress_statistics=cfg.bnb_4bit_use_double_quant,
-                                quant_storage=quant_storage or torch.uint8)
+                                compress_statistics=cfg.bnb_4bit_use_double_quant, quant_storage=storage)
         new.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type=cfg.bnb_4bit_quant_type,
-                                       compress_statistics=cfg.bnb_4bit_use_double_quant,
-                                       quant_storage=quant_storage or torch.uint8, module=new)
+                                       compress_statistics=cfg.bnb_4bit_use_double_quant, quant_storage=storage,
+                                       module=new)
     else:
         new = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=bias, has_fp16_weights=False,
                                   threshold=cfg.llm_int8_threshold)
@@ -122,8 +122,9 @@ def disable_cpu_packing(model) -> None:
 def load_quantized_preserving_super_weights(
     model_name_or_path: str, *, load_in_4bit: bool = True, load_in_8bit: bool = False,
     bnb_4bit_quant_type: str = "nf4", bnb_4bit_use_double_quant: bool = False,
-    bnb_4bit_compute_dtype: torch.dtype | None = None, llm_int8_threshold: float = 6.0,
-    registry_path: str | None = None, output_dir: str | None = None, dtype: torch.dtype = torch.float32,
+    bnb_4bit_compute_dtype: torch.dtype | None = None, bnb_4bit_quant_storage: str | None = None,
+    llm_int8_threshold: float = 6.0, registry_path: str | None = None, output_dir: str | None = None,
+    dtype: torch.dtype | str = torch.float32,
     protect_activation_rows: bool = False, detect_prompt: str | None = None, spike_ratio: float = 50.0,
     weight_ratio: float = 20.0, device_map=None, trust_remote_code: bool = False,
 ):
@@ -166,7 +167,8 @@ def load_quantized_preserving_super_weights(
     cfg = BitsAndBytesConfig(load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit,
                              bnb_4bit_quant_type=bnb_4bit_quant_type,
                              bnb_4bit_use_double_quant=bnb_4bit_use_double_quant,
-                             bnb_4bit_compute_dtype=bnb_4bit_compute_dtype, llm_int8_threshold=llm_int8_threshold,
+                             bnb_4bit_compute_dtype=bnb_4bit_compute_dtype,
+                             bnb_4bit_quant_storage=bnb_4bit_quant_storage, llm_int8_threshold=llm_int8_threshold,
                              llm_int8_skip_modules=["lm_head"] + [re.escape(n) for n in holdouts])
     model = AutoModelForCausalLM.from_pretrained(model_name_or_path, quantization_config=cfg, **kwargs)
     if registry_path is not None:
@@ -201,6 +203,7 @@ def load_quantized_preserving_super_weights(
     registry["quantization"] = {"load_in_4bit": load_in_4bit, "load_in_8bit": load_in_8bit,
                                 "bnb_4bit_quant_type": bnb_4bit_quant_type,
                                 "bnb_4bit_use_double_quant": bnb_4bit_use_double_quant,
+                                "bnb_4bit_quant_storage": bnb_4bit_quant_storage,
                                 "llm_int8_threshold": llm_int8_threshold,
                                 "protect_activation_rows": protect_activation_rows}
     if output_dir is not None:
@@ -209,7 +212,7 @@ def load_quantized_preserving_super_weights(
 
 
 def merge_adapter_preserving_super_weights(model_name_or_path: str, adapter_dir: str, *,
-                                           registry_path: str | None = None, dtype: torch.dtype = torch.float32,
+                                           registry_path: str | None = None, dtype: torch.dtype | str = torch.float32,
                                            device_map=None):
     """The full-precision merged model of a QLoRA run: the base is re-quantized exactly as in training,
     dequantized (transformers' `dequantize()`), the held-out entries are written back exactly (NF4 and int8
@@ -226,7 +229,8 @@ def merge_adapter_preserving_super_weights(model_name_or_path: str, adapter_dir:
     model, _ = load_quantized_preserving_super_weights(
         model_name_or_path, registry_path=registry_path, dtype=dtype, device_map=device_map,
         load_in_4bit=q["load_in_4bit"], load_in_8bit=q["load_in_8bit"], bnb_4bit_quant_type=q["bnb_4bit_quant_type"],
-        bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"], llm_int8_threshold=q["llm_int8_threshold"],
+        bnb_4bit_use_double_quant=q["bnb_4bit_use_double_quant"],
+        bnb_4bit_quant_storage=q.get("bnb_4bit_quant_storage"), llm_int8_threshold=q["llm_int8_threshold"],
         protect_activation_rows=q["protect_activation_rows"])
     holdouts = model.super_weight_holdouts
     model = model.dequantize(dtype=dtype)
