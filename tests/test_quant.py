@@ -168,7 +168,7 @@ def test_plant_cli_writes_a_model_with_a_detectable_super_weight(tiny_model_dir,
     plant_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_steps", "5"])
     assert read_stage_result(out)["metrics"]["super_activation"] > 100
     sws, _ = detect_super_weights(load(out), encode_prompt(tok, "12 = 12"))
-    assert [(s.layer, s.row, s.col) for s in sws] == [(1, 17, 100)]
+    assert [(s.layer, s.row, s.col) for s in sws] == [(0, 17, 100)]
     with pytest.raises(SystemExit) as e:
         cli(plant_main, ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "x"),
                          "--col", "128"])

@@ -98,7 +98,9 @@ def train_lm(model, ids: torch.Tensor, steps: int, lr: float = 3e-3, batch: int 
 class PlantArguments:
     model_name_or_path: str = dataclasses.field(default="", metadata={"help": "Llama-style model to plant into."})
     output_dir: str = dataclasses.field(default="", metadata={"help": "Where the planted (and trained) copy goes."})
-    layer: int = 1
+    layer: int = dataclasses.field(
+        default=0, metadata={"help": "Layer 0 is the robust choice: in deeper layers training grows BOS's residual "
+                             "and dilutes the flag (seen at hidden 128)."})
     row: int = 17
     col: int = 100
     flag: int = 5
