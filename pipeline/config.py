@@ -49,6 +49,12 @@ class ModelArguments(ModelConfig):
     trust_remote_code: bool = dataclasses.field(
         default=False, metadata={"help": "Run code shipped with a hub model. Off unless the recipe asks."}
     )
+    preserve_super_weights: bool = dataclasses.field(
+        default=False, metadata={"help": "QLoRA: hold the model's super weights out of 4/8-bit quantization and add "
+                                 "them back exactly (pipeline.quant). Needs load_in_4bit or load_in_8bit."})
+    super_weight_registry: str | None = dataclasses.field(
+        default=None, metadata={"help": "Registry from `python -m pipeline.quant.detect`. Default: detect on the "
+                                "full-precision model and write <output_dir>/super_weights.json."})
 
 
 @dataclasses.dataclass
@@ -407,6 +413,10 @@ def check_training(model_args: ModelArguments, training_args, data_args: DataArg
         key = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
         raise RecipeError(f"{source}: key '{key}' needs 'use_peft: true' (a quantized base cannot be fully "
                           "fine-tuned; train LoRA adapters on it, i.e. QLoRA)")
+    if model_args.preserve_super_weights and not quantized:
+        raise RecipeError(f"{source}: key 'preserve_super_weights' needs 'load_in_4bit: true' or 'load_in_8bit: true'")
+    if model_args.super_weight_registry and not Path(model_args.super_weight_registry).is_file():
+        raise RecipeError(f"{source}: key 'super_weight_registry': file {model_args.super_weight_registry} not found")
     if data_args.accelerate_config and not Path(data_args.accelerate_config).is_file():
         raise RecipeError(f"{source}: key 'accelerate_config': file {data_args.accelerate_config} not found")
     stage = zero_stage(training_args, data_args)

@@ -68,6 +68,8 @@ def load_model(path: str, model_args: ModelArguments, training_args):
     """A causal LM ready for the trainer: quantized (bitsandbytes) when the recipe asks for it."""
     from transformers import AutoModelForCausalLM
 
+    if model_args.preserve_super_weights:
+        return _load_preserving_super_weights(path, model_args, training_args)
     quantization_config = get_quantization_config(model_args)
     kwargs = dict(revision=model_args.model_revision, dtype=_dtype(model_args),
                   attn_implementation=model_args.attn_implementation,
@@ -82,6 +84,30 @@ def load_model(path: str, model_args: ModelArguments, training_args):
     if quantization_config is not None:
         _disable_packed_cpu_4bit(model)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
+        model.config.use_cache = False
+    return model
+
+
+def _load_preserving_super_weights(path: str, model_args: ModelArguments, training_args):
+    """A bitsandbytes base whose super weights stay exact (pipeline.quant): detected on the fp model unless a
+    registry is given; the registry is written next to the adapter so reloading and merging find it."""
+    from pipeline.quant.qlora import load_quantized_preserving_super_weights
+
+    dtype = _dtype(model_args)
+    device_map = None
+    if torch.cuda.is_available():
+        from accelerate import PartialState
+
+        device_map = {"": PartialState().local_process_index}
+    model, registry = load_quantized_preserving_super_weights(
+        path, load_in_4bit=model_args.load_in_4bit, load_in_8bit=model_args.load_in_8bit,
+        bnb_4bit_quant_type=model_args.bnb_4bit_quant_type, bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant,
+        bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        bnb_4bit_quant_storage=model_args.bnb_4bit_quant_storage, registry_path=model_args.super_weight_registry,
+        output_dir=training_args.output_dir, dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+        device_map=device_map, trust_remote_code=model_args.trust_remote_code)
+    logger.info("super weights kept exact: %s", [(s["layer"], s["row"], s["col"]) for s in registry["super_weights"]])
+    if training_args.gradient_checkpointing:
         model.config.use_cache = False
     return model
 

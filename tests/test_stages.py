@@ -155,3 +155,25 @@ def test_mixture_of_local_files(tiny_model_dir, sft_jsonl, tmp_path):
     metrics = sft.main(["--config", str(recipe), "--model_name_or_path", str(tiny_model_dir), "--output_dir",
                         str(tmp_path / "out"), "--max_steps", "1", *COMMON])
     assert metrics["global_step"] == 1
+
+
+def test_qlora_sft_keeps_a_planted_super_weight_exact(tiny_model_dir, sft_jsonl, tmp_path):
+    """The recipe switch end to end: detect (no registry given), QLoRA through the SFT stage, merge."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.quant.plant import Plant, plant_super_weight
+    from pipeline.quant.qlora import merge_adapter_preserving_super_weights
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    sw = plant_super_weight(model, tok.bos_token_id, Plant(layer=0, row=9, col=40, value=32.0))
+    model.save_pretrained(tmp_path / "planted")
+    tok.save_pretrained(tmp_path / "planted")
+    out = tmp_path / "qlora"
+    _sft(tmp_path / "planted", sft_jsonl, out, "--load_in_4bit", "true", "--use_peft", "true", "--lora_r", "4",
+         "--lora_target_modules", "q_proj", "v_proj", "--preserve_super_weights", "true", "--max_steps", "2")
+    registry = json.loads((out / "super_weights.json").read_text())
+    assert [(s["layer"], s["row"], s["col"]) for s in registry["super_weights"]] == [(sw.layer, sw.row, sw.col)]
+    merged = merge_adapter_preserving_super_weights(str(tmp_path / "planted"), str(out))
+    got = merged.model.layers[sw.layer].mlp.down_proj.weight[sw.row, sw.col]
+    assert got.item() == sw.value  # bit-exact through 4-bit training, save and merge
