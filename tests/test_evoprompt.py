@@ -345,3 +345,23 @@ def test_local_task_model_run(tmp_path, tiny_model_dir):
                               "--max_new_tokens", "4"])
     assert metrics["generations"] == 1 and (out / "best_prompt.txt").read_text().strip()
     assert json.loads((out / "stage_result.json").read_text())["artifacts"]["best_prompt"] == str(out / "best_prompt.txt")
+
+
+def test_run_with_llm_operator_on_loopback(tmp_path, monkeypatch):
+    """Paraphrases fill the initial population, GA templates go out, replies are parsed; the key stays secret."""
+    (tmp_path / "init.yaml").write_text('prompts: ["Be brief.", "Answer it."]\n')
+    monkeypatch.setenv("OP_KEY", "sk-secret-123")
+    with OpenAIServer(reply=scripted_task_model) as task, \
+            OpenAIServer(reply=scripted_operator, api_key="sk-secret-123", faults={"429": 0.2}) as op:
+        spec = {"type": "openai", "base_url": op.base_url, "model": "op", "api_key_env": "OP_KEY", "backoff_s": 0.01}
+        metrics = evoprompt.main(argv(tmp_path, task, tmp_path / "llm", operator=json.dumps(spec), generations=2))
+        kinds = collections.Counter("Instruction:" in b["messages"][0]["content"] for b in op.bodies)
+        assert op.stats["unauthorized"] == 0 and all(b["temperature"] == 0.5 for b in op.bodies)
+    assert metrics["operator"].startswith("llm (openai:") and metrics["malformed_operator_replies"] == 0
+    assert kinds[True] >= 1 and kinds[False] >= 6  # a paraphrase call, then one GA call per child
+    history = json.loads((tmp_path / "llm" / "history.json").read_text())
+    origins = collections.Counter(c["origin"] for c in history["candidates"])
+    assert origins["paraphrase"] == 1 and origins["ga"] == 6
+    assert all(c["prompt"].startswith("GA(") for c in history["candidates"] if c["origin"] == "ga")
+    for f in (tmp_path / "llm").iterdir():
+        assert b"sk-secret-123" not in f.read_bytes()
