@@ -182,10 +182,12 @@ def plot(generations: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def initial_population(args, prompts: list[str], operator, score) -> list[Candidate]:
-    """The best `population_size` given prompts by dev score; paraphrases of the best ones fill the rest."""
+def initial_population(args, prompts: list[str], operator, score) -> tuple[list[Candidate], list[Candidate]]:
+    """The best `population_size` given prompts by dev score; paraphrases of the best ones fill the rest.
+    Returns (population, every prompt scored on the way)."""
     cands = [Candidate(p, s, 0, "initial") for p, s in zip(prompts, score(prompts))]
     population = sorted(cands, key=lambda c: -c.score)[:args.population_size]
+    scored = list(cands)
     for attempt in range(5):
         missing = args.population_size - len(population)
         if missing <= 0:
@@ -196,10 +198,11 @@ def initial_population(args, prompts: list[str], operator, score) -> list[Candid
         new = list({t: (t, c) for t, c in new}.values())
         for (t, c), s in zip(new, score([t for t, _ in new])):
             population.append(Candidate(t, s, 0, "paraphrase", [c.id]))
+            scored.append(population[-1])
     if len(population) < args.population_size:
         raise RecipeError(f"{args.initial_prompts}: only {len(population)} distinct initial prompts after "
                           f"paraphrasing; give more prompts or lower 'population_size'")
-    return population
+    return population, scored
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -234,9 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
         population = [Candidate(**c) for c in history["population"]]
         logger.info("resuming after generation %d", history["generations"][-1]["generation"])
     else:
-        population = initial_population(args, prompts, operator, dev_score)
+        population, scored = initial_population(args, prompts, operator, dev_score)
         history = {"fingerprint": fp, "operator": operator.name, "algorithm": args.algorithm,
-                   "candidates": [dataclasses.asdict(c) for c in population], "generations": []}
+                   "candidates": [dataclasses.asdict(c) for c in scored], "generations": []}
 
     def checkpoint(generation: int) -> None:
         scores = [c.score for c in population]

@@ -266,6 +266,7 @@ def test_search_finds_better_prompt_and_reports_test_only(tmp_path, algorithm):
     ids = {evoprompt.prompt_id(c["prompt"]) for c in history["candidates"]}
     assert all(set(c["parents"]) <= ids for c in history["candidates"])  # every parent is in the history
     assert {c["origin"] for c in history["candidates"]} == {"initial", algorithm}
+    assert sum(c["origin"] == "initial" for c in history["candidates"]) == 4  # the one not selected is there too
     assert (out / "fitness.png").stat().st_size > 1000
     # Only the two final prompts ever saw a test question: the search itself ran on dev alone.
     test_q = {e.question for t in ("add", "sort") for e in make_split(get_task(t), "test", 6)}
