@@ -81,7 +81,7 @@ def plot(runs: list[dict], path: Path) -> None:
     ax.set_xticks(list(x), labels)
     ax.set(ylabel="held-out TEST accuracy", title="EvoPrompt (lexical operator) on the tiny task world",
            ylim=(0, 1))
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
