@@ -1,0 +1,1 @@
+"""EvoPrompt internals: variation operators (LLM templates, lexical) and the search (scorer, GA, DE)."""
