@@ -70,7 +70,10 @@ def run_method(work: Path, policy: Path, method: str, seed: int, args) -> dict:
     tasks = f"[{{task: {args.task1}, max_steps: {args.t1_steps}}}, {{task: {args.task2}, max_steps: {args.t2_steps}}}]"
     argv = ["--config", str(ROOT / "recipes/tiny/cppo.yaml"), "--model_name_or_path", str(policy),
             "--output_dir", str(out), "--tasks", tasks, "--seed", str(seed), "--eval_n", str(args.eval_n),
-            "--learning_rate", str(args.lr), "--save_steps", "1000", "--logging_steps", "10"]
+            "--learning_rate", str(args.lr), "--save_steps", "1000", "--logging_steps", "10",
+            # The SFT data has no system prompt and terse answers; 4 prompts x 8 samples per step.
+            "--system_prompt", "null", "--max_completion_length", "24", "--per_device_train_batch_size", "32",
+            "--num_generations", "8"]
     if method == "plain":
         argv += ["--c_kr", "0", "--weighting", "none"]
     else:

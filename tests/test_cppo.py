@@ -216,3 +216,20 @@ def test_stage_resumes_mid_task_like_an_uninterrupted_run(tiny_model_dir, tmp_pa
     report = json.loads((tmp_path / "resumed/forgetting.json").read_text())
     assert len(report["matrix"]) == 2 and len(report["matrix"][0]) == 2
     assert (tmp_path / "resumed/forgetting.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("override, message", [
+    ("[{task: copy, steps: 3}]", "unknown key 'tasks[0].steps'"),
+    ("[{task: nope}]", "unknown task 'nope'"),
+    ("[{task: copy, reward: judge}]", "key 'tasks[0].reward' must be 'verifier'"),
+    ("[]", "key 'tasks' must list at least one task"),
+])
+def test_bad_task_sequence_is_one_line_error(override, message, capsys, monkeypatch):
+    from pipeline import cppo
+    from pipeline.config import cli
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    with pytest.raises(SystemExit) as e:
+        cli(cppo.main, ["--config", "recipes/tiny/cppo.yaml", "--tasks", override, "--dry_run"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and message in err and "\n" not in err
