@@ -38,7 +38,8 @@ class CPPOArguments:
     tasks: list[dict] = dataclasses.field(
         default_factory=list,
         metadata={"help": "The task sequence: a list of {task, max_steps, n_train, difficulty, reward}. `task` is a "
-                  "task-world task; `reward: verifier` (the default) is its exact verifier."})
+                  "task-world task; `reward: verifier` (the default) is its exact verifier, any other value the "
+                  "path of a sequence-classification reward model (one logit). Evaluation always uses the verifier."})
     n_train: int = dataclasses.field(default=512, metadata={"help": "Training prompts per task (default)."})
     difficulty: int = dataclasses.field(default=1, metadata={"help": "Task difficulty (default)."})
     eval_n: int = dataclasses.field(default=50, metadata={"help": "Held-out test examples per task and evaluation."})
@@ -65,16 +66,17 @@ def check_tasks(args: CPPOArguments, training_args: CPPOConfig, model_args: Mode
         if item["task"] not in TASKS:
             raise RecipeError(f"{source}: key 'tasks[{i}].task': unknown task '{item['task']}' "
                               f"(valid: {', '.join(TASKS)})")
-        if item.get("reward", "verifier") != "verifier":
+        reward = item.get("reward", "verifier")
+        if reward != "verifier" and not (isinstance(reward, str) and Path(reward).is_dir()):
             raise RecipeError(f"{source}: key 'tasks[{i}].reward' must be 'verifier' (the task world's exact "
-                              f"verifier), got {item['reward']!r}")
+                              f"verifier) or a reward-model directory; {reward!r} is neither")
         steps = item.get("max_steps", training_args.max_steps)
         for key, value in (("max_steps", steps), ("n_train", item.get("n_train", args.n_train)),
                            ("difficulty", item.get("difficulty", args.difficulty))):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise RecipeError(f"{source}: key 'tasks[{i}].{key}' must be a positive integer, got {value!r}")
         out.append({"task": item["task"], "max_steps": steps, "n_train": item.get("n_train", args.n_train),
-                    "difficulty": item.get("difficulty", args.difficulty)})
+                    "difficulty": item.get("difficulty", args.difficulty), "reward": reward})
     return out
 
 
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     tasks = check_tasks(args, training_args, model_args, source)
     names = [t["task"] for t in tasks]
     plan = (f"stage: cppo ({source}); model {model_args.model_name_or_path}; tasks "
-            + " -> ".join(f"{t['task']} ({t['max_steps']} steps)" for t in tasks)
+            + " -> ".join(f"{t['task']} ({t['max_steps']} steps, reward {t['reward']})" for t in tasks)
             + f"; c_kr={training_args.c_kr}, weighting={training_args.weighting} (k={training_args.k}, "
             f"lb={training_args.lb}, ub={training_args.ub}); output_dir {training_args.output_dir}")
     if args.dry_run:
@@ -181,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         model = load_model(snapshot, model_args, task_args)
         anchor = load_model(snapshot, model_args, task_args) if task_args.c_kr > 0 else None
         train = task_dataset(task["task"], task["n_train"], task["difficulty"], task_args.seed, args.system_prompt)
-        trainer = CPPOTrainer(model=model, reward_funcs=verifier_reward, args=task_args, train_dataset=train,
+        # A reward-model path is loaded by TRL as AutoModelForSequenceClassification (num_labels=1).
+        reward = verifier_reward if task["reward"] == "verifier" else task["reward"]
+        trainer = CPPOTrainer(model=model, reward_funcs=reward, args=task_args, train_dataset=train,
                               processing_class=tokenizer, anchor_model=anchor)
         was_done = read_stage_result(task_args.output_dir) is not None
         metrics = train_and_save(trainer, f"cppo/{task['task']}")

@@ -221,7 +221,7 @@ def test_stage_resumes_mid_task_like_an_uninterrupted_run(tiny_model_dir, tmp_pa
 @pytest.mark.parametrize("override, message", [
     ("[{task: copy, steps: 3}]", "unknown key 'tasks[0].steps'"),
     ("[{task: nope}]", "unknown task 'nope'"),
-    ("[{task: copy, reward: judge}]", "key 'tasks[0].reward' must be 'verifier'"),
+    ("[{task: copy, reward: no/such/rm}]", "key 'tasks[0].reward' must be 'verifier'"),
     ("[]", "key 'tasks' must list at least one task"),
 ])
 def test_bad_task_sequence_is_one_line_error(override, message, capsys, monkeypatch):
@@ -233,3 +233,25 @@ def test_bad_task_sequence_is_one_line_error(override, message, capsys, monkeypa
         cli(cppo.main, ["--config", "recipes/tiny/cppo.yaml", "--tasks", override, "--dry_run"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and message in err and "\n" not in err
+
+
+def test_reward_model_task(tiny_model_dir, tmp_path, monkeypatch):
+    """A task rewarded by a sequence-classification reward model; evaluation still uses the verifier."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from pipeline import cppo
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    rm_dir = tmp_path / "rm"
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rm = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    argv = _stage_argv(tiny_model_dir, tmp_path / "out")
+    argv[argv.index("--tasks") + 1] = f"[{{task: copy, max_steps: 2, reward: {rm_dir}}}]"
+    metrics = cppo.main(argv)
+    assert "accuracy/copy" in metrics
+    logs = json.loads((tmp_path / "out/task1-copy/trainer_state.json").read_text())["log_history"]
+    rewards = [h["rewards/rm/std"] for h in logs if "rewards/rm/std" in h]
+    assert rewards and all(r > 0 for r in rewards)  # the reward model scored the rollouts (not a constant)
