@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def transfer_metrics(matrix: list[list[float]]) -> dict[str, float]:
     final = matrix[-1]
     metrics = {"average_score": sum(final) / T}
     if T > 1:
-        metrics["forgetting"] = sum(max(matrix[j][i] for j in range(i, T - 1)) - final[i] for i in range(T - 1)) / (T - 1)
+        best = [max(matrix[j][i] for j in range(i, T - 1)) for i in range(T - 1)]
+        metrics["forgetting"] = sum(best[i] - final[i] for i in range(T - 1)) / (T - 1)
         metrics["backward_transfer"] = sum(final[i] - matrix[i][i] for i in range(T - 1)) / (T - 1)
     return metrics
 
@@ -156,22 +158,23 @@ def main(argv: list[str] | None = None) -> dict | None:
     initial_path = resolve_model_path(model_args, source)
     progress = {"tasks": names, "initial_model": initial_path, "initial": None, "done": []}
     if progress_path.is_file():
-        import json
-
         progress = json.loads(progress_path.read_text())
         if progress["tasks"] != names:
             raise RecipeError(f"{source}: key 'tasks': {out} holds a run of {progress['tasks']}, not {names}; "
                               "choose another output_dir")
     tokenizer = load_tokenizer(progress["initial_model"], model_args)
 
-    def accuracies(model) -> list[float]:
-        metrics = evaluate(model, tokenizer, names, args.eval_n, difficulty=args.difficulty,
-                           system_prompt=args.system_prompt, max_new_tokens=training_args.max_completion_length)
-        return [metrics[f"accuracy/{n}"] for n in names]
+    main_process = training_args.process_index == 0
+
+    def accuracies(model) -> list[float]:  # every task of the sequence, each at its own difficulty
+        return [evaluate(model, tokenizer, [t["task"]], args.eval_n, difficulty=t["difficulty"],
+                         system_prompt=args.system_prompt, max_new_tokens=training_args.max_completion_length
+                         )[f"accuracy/{t['task']}"] for t in tasks]
 
     if progress["initial"] is None:
         progress["initial"] = accuracies(load_model(progress["initial_model"], model_args, training_args))
-        atomic_write_json(progress_path, progress)
+        if main_process:
+            atomic_write_json(progress_path, progress)
     for i, task in enumerate(tasks):
         if i < len(progress["done"]):
             continue
@@ -191,11 +194,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         metrics = train_and_save(trainer, f"cppo/{task['task']}")
         if was_done:  # trained before an interruption, not yet recorded: its saved model is the result
             model = load_model(task_args.output_dir, model_args, task_args)
-        row = accuracies(trainer.accelerator.unwrap_model(trainer.model) if not was_done else model)
+        else:
+            model = trainer.accelerator.unwrap_model(trainer.model)
+        row = accuracies(model)
         logger.info("after task %d (%s): %s", i + 1, task["task"], dict(zip(names, row)))
         progress["done"].append({"task": task["task"], "model": task_args.output_dir, "accuracy": row,
                                  "train_loss": metrics.get("train_loss")})
-        atomic_write_json(progress_path, progress)
+        if main_process:
+            atomic_write_json(progress_path, progress)
         del trainer, model, anchor
 
     matrix = [d["accuracy"] for d in progress["done"]]
@@ -205,11 +211,12 @@ def main(argv: list[str] | None = None) -> dict | None:
                                          "k": training_args.k, "lb": training_args.lb, "ub": training_args.ub},
               "initial": progress["initial"], "matrix": matrix, "metrics": metrics,
               "rows": "matrix[j][i] = held-out accuracy on task i after training task j"}
-    atomic_write_json(out / "forgetting.json", report)
-    plot_matrix(out / "forgetting.png", names, progress["initial"], matrix,
-                f"c_KR={training_args.c_kr}, weighting={training_args.weighting}")
-    write_stage_result(out, "cppo", metrics, {"model": progress["done"][-1]["model"],
-                                              "forgetting": str(out / "forgetting.json")})
+    if main_process:
+        atomic_write_json(out / "forgetting.json", report)
+        plot_matrix(out / "forgetting.png", names, progress["initial"], matrix,
+                    f"c_KR={training_args.c_kr}, weighting={training_args.weighting}")
+        write_stage_result(out, "cppo", metrics, {"model": progress["done"][-1]["model"],
+                                                  "forgetting": str(out / "forgetting.json")})
     return metrics
 
 
