@@ -22,13 +22,14 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from pipeline.config import DataArguments, ModelArguments, check_training, cli, parse  # noqa: E402
 from pipeline.data import load_train_data  # noqa: E402
+from pipeline.longctx import LongContextArguments, long_context_trainer  # noqa: E402
 from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path, resolve_ref_path  # noqa: E402
 from pipeline.training import logger, plan, setup_logging, train_and_save  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    (data_args, training_args, model_args), _, source = parse(
-        [DataArguments, DPOConfig, ModelArguments], argv, prog="pipeline/dpo.py")
+    (data_args, training_args, model_args, lc_args), _, source = parse(
+        [DataArguments, DPOConfig, ModelArguments, LongContextArguments], argv, prog="pipeline/dpo.py")
     check_training(model_args, training_args, data_args, source)
     if data_args.dry_run:
         print(plan("dpo", source, data_args, training_args, model_args))
@@ -47,8 +48,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     train, evaluation = load_train_data(data_args, "dpo", source, seed=training_args.seed)
 
     # Training
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
-                         eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
+    trainer_cls = long_context_trainer(DPOTrainer, lc_args)  # tiled MLP, packing, sequence parallelism
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
+                          eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
     return train_and_save(trainer, "dpo")
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from trl.trainer.utils import FusedCausalLMOutput
 
-from pipeline.longctx.ulysses import gather_seq, sp_context
+from pipeline.longctx.ulysses import gather_seq, layout_context
 
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Varlen flash-attention metadata of TRL's padding-free SFT collator: describes the unsharded row only.
@@ -82,14 +82,19 @@ def _long_forward(inner, *, pack, group, input_ids, labels, attention_mask=None,
         ids, lab = input_ids, labels
         pos = position_ids if position_ids is not None else \
             torch.arange(width, device=input_ids.device).expand(rows, -1)
-        if group is None:
+        if group is None and attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
     shift = F.pad(lab[:, 1:], (0, 1), value=-100)  # position p is scored on token p+1
 
+    one_row = layout is not None or (attention_mask is None and rows == 1)
     if group is None:
-        out = inner(input_ids=ids, position_ids=pos, shift_labels=shift, fused_lm_head=True, **kwargs)
+        with layout_context(None, pos if one_row else None):
+            out = inner(input_ids=ids, position_ids=pos, shift_labels=shift, fused_lm_head=True, **kwargs)
         fields = {name: getattr(out, name) for name in FIELDS}
     else:
+        if not one_row and position_ids is not None and \
+                not torch.equal(pos, torch.arange(width, device=pos.device).expand(rows, -1)):
+            raise ValueError("sequence parallelism: several packed rows per batch are not supported (use one row)")
         sp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
         length = ids.shape[1]
         pad = -length % sp
@@ -99,10 +104,7 @@ def _long_forward(inner, *, pack, group, input_ids, labels, attention_mask=None,
             shift = F.pad(shift, (0, pad), value=-100)
         size = ids.shape[1] // sp
         part = slice(rank * size, (rank + 1) * size)
-        packed = layout is not None or (position_ids is not None and rows == 1)
-        if not packed and position_ids is not None and not torch.equal(pos, torch.arange(width, device=pos.device).expand(rows, -1)):
-            raise ValueError("sequence parallelism: several packed rows per batch are not supported (use one row)")
-        with sp_context(group, pos if packed else None):
+        with layout_context(group, pos if one_row else None):
             out = inner(input_ids=ids[:, part], position_ids=pos[:, part], shift_labels=shift[:, part],
                         fused_lm_head=True, **kwargs)
         fields = {name: None if getattr(out, name) is None else gather_seq(getattr(out, name), group)[:, :length]

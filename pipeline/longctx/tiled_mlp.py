@@ -18,8 +18,8 @@ GATED_MLP = ("gate_proj", "up_proj", "down_proj")  # Llama, Mistral, Qwen2 (and 
 class TiledMLPFunction(torch.autograd.Function):
     """y = mlp(x) computed tile by tile with no saved intermediates; backward recomputes one tile at a time.
 
-    The MLP's trainable parameters are passed as inputs only so that autograd calls `backward` when the input itself
-    needs no gradient; their gradients are accumulated by the per-tile `torch.autograd.backward`, like any layer's.
+    The MLP's trainable parameters are inputs of the function, and their gradients, summed over the tiles, are its
+    outputs: autograd then accumulates each parameter's gradient once per backward, as DDP's hooks expect.
     """
 
     @staticmethod
@@ -27,7 +27,7 @@ class TiledMLPFunction(torch.autograd.Function):
         ctx.mlp_forward, ctx.tile_tokens = mlp_forward, tile_tokens
         ctx.autocast = (x.device.type, torch.is_autocast_enabled(x.device.type),
                         torch.get_autocast_dtype(x.device.type))
-        ctx.save_for_backward(x)
+        ctx.save_for_backward(x, *params)
         flat = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             out = torch.cat([mlp_forward(tile) for tile in flat.split(tile_tokens)])
@@ -35,21 +35,26 @@ class TiledMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
+        x, *params = ctx.saved_tensors
         flat = x.detach().reshape(-1, x.shape[-1])
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
-        grad_x = torch.empty_like(flat) if ctx.needs_input_grad[0] else None
+        want_x = ctx.needs_input_grad[0]
+        grad_x = torch.empty_like(flat) if want_x else None
+        grad_params = [None] * len(params)
         device_type, autocast_on, autocast_dtype = ctx.autocast
         for start in range(0, flat.shape[0], ctx.tile_tokens):
             stop = start + ctx.tile_tokens
-            tile = flat[start:stop].detach().requires_grad_(grad_x is not None)
+            tile = flat[start:stop].requires_grad_(want_x)
             with torch.enable_grad(), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_on):
                 out = ctx.mlp_forward(tile)
-            torch.autograd.backward(out, grad_flat[start:stop])
-            if grad_x is not None:
-                grad_x[start:stop] = tile.grad
-        grad_x = grad_x.view_as(x) if grad_x is not None else None
-        return (grad_x, None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+            grads = torch.autograd.grad(out, ([tile] if want_x else []) + params, grad_flat[start:stop],
+                                        allow_unused=True)
+            if want_x:
+                grad_x[start:stop], grads = grads[0], grads[1:]
+            grad_params = [g if acc is None else acc if g is None else acc.add_(g)
+                           for acc, g in zip(grad_params, grads)]
+        grad_x = grad_x.view_as(x) if want_x else None
+        return (grad_x, None, None, *grad_params)
 
 
 def decoder_layers(model) -> list:

@@ -57,9 +57,10 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
             if lc_args.checkpoint_offload:
                 training_args.gradient_checkpointing = True
                 training_args.activation_offloading = torch.cuda.is_available()
-            # TRL 1.16's DPOTrainer ignores padding_free (with a warning); we implement it around its fused LM head.
-            self._pack_dpo = getattr(training_args, "padding_free", False) and hasattr(training_args, "beta")
-            if self._pack_dpo:
+            # Padding-free rows go through our forward (per-sequence attention, no [T, T] mask). TRL 1.16's
+            # DPOTrainer ignores padding_free (with a warning): there the packing itself is ours.
+            self._pack = getattr(training_args, "padding_free", False)
+            if self._pack and hasattr(training_args, "beta"):
                 training_args.padding_free = False
             sp = lc_args.sequence_parallel_size
             if sp > 1:
@@ -81,10 +82,10 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
                 base = _base(model)
                 if lc_args.tiled_mlp:
                     patch_tiled_mlp(base, lc_args.tiled_mlp_tile_tokens)
-                if sp > 1:
-                    base.set_attn_implementation(ATTN_IMPLEMENTATION)
-                if self._pack_dpo or sp > 1:
-                    wrap_fused_forward(base, pack=self._pack_dpo, sp_group=self._sp_group,
+                if sp > 1 or (self._pack and base.config._attn_implementation == "sdpa"):
+                    base.set_attn_implementation(ATTN_IMPLEMENTATION)  # SDPA, per packed sequence / sharded
+                if self._pack or sp > 1:
+                    wrap_fused_forward(base, pack=self._pack, sp_group=self._sp_group,
                                        sp_active=lambda: self._sp_on)
 
         def training_step(self, model, inputs, num_items_in_batch=None):

@@ -21,37 +21,37 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-ATTN_IMPLEMENTATION = "ulysses_sdpa"
+ATTN_IMPLEMENTATION = "longctx_sdpa"
 
 
 @dataclass
-class _Shard:
-    group: dist.ProcessGroup
-    mask: torch.Tensor | None  # block-diagonal causal mask over the full (packed) sequence, or None for plain causal
+class _Layout:
+    group: dist.ProcessGroup | None  # sequence-parallel group, or None: the whole sequence is local
+    segments: list[tuple[int, int]] | None  # packed sequences of the full row as (start, end), or None: one sequence
 
 
-_CURRENT: contextvars.ContextVar[_Shard | None] = contextvars.ContextVar("longctx_sp", default=None)
+_CURRENT: contextvars.ContextVar[_Layout | None] = contextvars.ContextVar("longctx_layout", default=None)
 
 
 @contextlib.contextmanager
-def sp_context(group, full_position_ids: torch.Tensor | None):
-    """Attention inside this context is sequence-parallel over `group`; packed rows need their full position ids."""
-    mask = None if full_position_ids is None else packed_causal_mask(full_position_ids)
-    token = _CURRENT.set(_Shard(group, mask))
+def layout_context(group, full_position_ids: torch.Tensor | None):
+    """Attention inside this context is sequence-parallel over `group` (if any) and, for one packed row with its
+    full position ids, runs causal SDPA on each packed sequence separately (no [T, T] mask, flash kernels stay on)."""
+    token = _CURRENT.set(_Layout(group, None if full_position_ids is None else segments(full_position_ids)))
     try:
         yield
     finally:
         _CURRENT.reset(token)
 
 
-def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """[1, 1, S, S] boolean mask: causal, and a token sees only its own sequence (a new one starts where the
-    position does not continue by +1), the rule transformers applies to packed rows."""
+def segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+    """(start, end) of each packed sequence of a [1, T] row: a new one starts where the position does not continue
+    by +1 (transformers' rule for packed rows). None for a single sequence."""
     pos = position_ids[0]
-    seq = torch.cat([pos.new_zeros(1), (pos[1:] - pos[:-1] != 1).long()]).cumsum(0)
-    idx = torch.arange(pos.numel(), device=pos.device)
-    mask = (seq[:, None] == seq[None, :]) & (idx[:, None] >= idx[None, :])
-    return mask[None, None]
+    starts = [0] + ((pos[1:] - pos[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    if len(starts) == 1:
+        return None
+    return list(zip(starts, starts[1:] + [pos.numel()]))
 
 
 def _all_to_all(x: torch.Tensor, group, split_dim: int, cat_dim: int) -> torch.Tensor:
@@ -115,19 +115,33 @@ def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
     return _GatherSeq.apply(x, group) if x.requires_grad else _gather(x, group)
 
 
-def ulysses_attention(module, query, key, value, attention_mask, **kwargs):
-    shard = _CURRENT.get()
-    if shard is None:
+def _causal(module, q, k, v, spans, **kwargs):
+    if spans is None:
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+    return torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
+                                             is_causal=True, **kwargs)[0] for a, b in spans], dim=1)
+
+
+def longctx_attention(module, query, key, value, attention_mask, **kwargs):
+    layout = _CURRENT.get()
+    if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    q, k, v = (_SeqToHeads.apply(t, shard.group) for t in (query, key, value))
-    out, _ = sdpa_attention_forward(module, q, k, v, shard.mask, is_causal=shard.mask is None,
-                                    dropout=kwargs.get("dropout", 0.0), scaling=kwargs.get("scaling"))
-    out = _HeadsToSeq.apply(out.transpose(1, 2), shard.group)  # sdpa returns [B, S, H/sp, D]
+    kwargs = {k: kwargs[k] for k in ("dropout", "scaling") if k in kwargs}
+    if layout.group is None:
+        return _causal(module, query, key, value, layout.segments, **kwargs), None
+    q, k, v = (_SeqToHeads.apply(t, layout.group) for t in (query, key, value))
+    out = _causal(module, q, k, v, layout.segments, **kwargs)  # [B, S, H/sp, D]
+    out = _HeadsToSeq.apply(out.transpose(1, 2), layout.group)
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, ulysses_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)  # outside SP, masks are built exactly as for sdpa
+def _mask(*args, **kwargs):
+    # Inside a long-context forward the attention needs no mask (causal per sequence); elsewhere: exactly sdpa's.
+    return None if _CURRENT.get() is not None else sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, longctx_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
 
 
 def check_heads(config, sp: int) -> None:
