@@ -88,8 +88,9 @@ def _long_forward(inner, *, pack, group, input_ids, labels, attention_mask=None,
 
     one_row = layout is not None or (attention_mask is None and rows == 1)
     if group is None:
-        with layout_context(None, pos if one_row else None):
-            out = inner(input_ids=ids, position_ids=pos, shift_labels=shift, fused_lm_head=True, **kwargs)
+        with layout_context(None, pos if one_row else None) as attn_layout:
+            out = inner(input_ids=ids, position_ids=pos, shift_labels=shift, fused_lm_head=True,
+                        longctx_layout=attn_layout, **kwargs)
         fields = {name: getattr(out, name) for name in FIELDS}
     else:
         if not one_row and position_ids is not None and \
@@ -104,9 +105,9 @@ def _long_forward(inner, *, pack, group, input_ids, labels, attention_mask=None,
             shift = F.pad(shift, (0, pad), value=-100)
         size = ids.shape[1] // sp
         part = slice(rank * size, (rank + 1) * size)
-        with layout_context(group, pos if one_row else None):
+        with layout_context(group, pos if one_row else None) as attn_layout:
             out = inner(input_ids=ids[:, part], position_ids=pos[:, part], shift_labels=shift[:, part],
-                        fused_lm_head=True, **kwargs)
+                        fused_lm_head=True, longctx_layout=attn_layout, **kwargs)
         fields = {name: None if getattr(out, name) is None else gather_seq(getattr(out, name), group)[:, :length]
                   for name in FIELDS}
 

@@ -6,7 +6,7 @@ layer except attention is token-wise, so it runs on the shard as is. Attention s
 and a second all-to-all turns it back. Requires the query and key/value head counts to be divisible by sp.
 
 The attention function is registered with transformers' public `AttentionInterface` as "ulysses_sdpa". Outside a
-sharded forward (`sp_context`) it is plain SDPA, so evaluation and generation are unchanged.
+long-context forward (`layout_context`) it is plain SDPA, so evaluation and generation are unchanged.
 """
 
 from __future__ import annotations
@@ -35,11 +35,14 @@ _CURRENT: contextvars.ContextVar[_Layout | None] = contextvars.ContextVar("longc
 
 @contextlib.contextmanager
 def layout_context(group, full_position_ids: torch.Tensor | None):
-    """Attention inside this context is sequence-parallel over `group` (if any) and, for one packed row with its
-    full position ids, runs causal SDPA on each packed sequence separately (no [T, T] mask, flash kernels stay on)."""
-    token = _CURRENT.set(_Layout(group, None if full_position_ids is None else segments(full_position_ids)))
+    """Yields the `longctx_layout` keyword to pass to the model: attention then runs sequence-parallel over `group`
+    (if any) and, for one packed row with its full position ids, causal SDPA on each packed sequence separately (no
+    [T, T] mask; flash kernels stay usable). The keyword travels with the layer inputs, so activation checkpointing
+    recomputes the same attention in backward; the context itself only stops transformers from building a mask."""
+    layout = _Layout(group, None if full_position_ids is None else segments(full_position_ids))
+    token = _CURRENT.set(layout)
     try:
-        yield
+        yield layout
     finally:
         _CURRENT.reset(token)
 
@@ -123,7 +126,7 @@ def _causal(module, q, k, v, spans, **kwargs):
 
 
 def longctx_attention(module, query, key, value, attention_mask, **kwargs):
-    layout = _CURRENT.get()
+    layout = kwargs.pop("longctx_layout", None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs = {k: kwargs[k] for k in ("dropout", "scaling") if k in kwargs}
@@ -136,7 +139,7 @@ def longctx_attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _mask(*args, **kwargs):
-    # Inside a long-context forward the attention needs no mask (causal per sequence); elsewhere: exactly sdpa's.
+    # A long-context forward needs no mask (attention is causal per sequence); elsewhere: exactly sdpa's.
     return None if _CURRENT.get() is not None else sdpa_mask(*args, **kwargs)
 
 
