@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRESETS = {  # realistic widths and vocabularies, few layers (memory per layer is what the switches change)
-    "qwen2-0.5b-2l": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
-                          num_hidden_layers=2, vocab_size=32000),
+    # Qwen2-0.5B's width (hidden 896, MLP 4864, 14/2 heads), one layer: with checkpointing, the per-layer peak
+    # (what the switches change) is that of one layer anyway, and 2 shared CPU cores allow no more.
+    "qwen2-0.5b-1l": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                          num_hidden_layers=1, vocab_size=32000),
     "llama8b-4l": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                        num_hidden_layers=4, vocab_size=128256),
 }
@@ -100,8 +102,9 @@ def child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {**spec, "peak_gb": peak / 2**30, "step_s": times[-1], "steps": len(times),
-            "world_size": trainer.args.world_size}
+    tokens = spec["length"] * (1 if stage == "sft" else 2)  # DPO: chosen + rejected
+    return {**spec, "peak_gb": peak / 2**30, "step_s": times[-1], "tokens_per_s": tokens / times[-1],
+            "steps": len(times), "world_size": trainer.args.world_size}
 
 
 # ------------------------------------------------------------------------------------------------ parent
@@ -126,7 +129,9 @@ def run_config(spec: dict, timeout: int) -> dict:
         return {**spec, "error": "out of memory" if oom else tail[0][-300:]}
     # With SP, memory and time are those of the worst rank.
     best = max(results, key=lambda r: r["peak_gb"])
-    return {**best, "step_s": max(r["step_s"] for r in results), "wall_s": round(time.time() - start, 1)}
+    step_s = max(r["step_s"] for r in results)
+    return {**best, "step_s": step_s, "tokens_per_s": best["tokens_per_s"] * best["step_s"] / step_s,
+            "wall_s": round(time.time() - start, 1)}
 
 
 def fit_max_length(points: list[tuple[int, float]], cap_gb: float) -> int | None:
@@ -173,7 +178,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: qwen2-0.5b-2l (cpu), llama8b-4l (cuda)")
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: qwen2-0.5b-1l (cpu), llama8b-4l (cuda)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     p.add_argument("--modes", nargs="+", default=["trl", "ours"], choices=["trl", "ours", "ours_sp2"])
@@ -192,7 +197,7 @@ def main() -> None:
 
     from pipeline.tiny import TinyModelSpec, train_tokenizer
 
-    preset = a.preset or ("llama8b-4l" if a.device == "cuda" else "qwen2-0.5b-2l")
+    preset = a.preset or ("llama8b-4l" if a.device == "cuda" else "qwen2-0.5b-1l")
     cap = a.cap_gb or (80.0 if a.device == "cuda" else 4.0)
     tile = a.tile_tokens or PRESETS[preset]["hidden_size"]
     out = Path(a.out)
@@ -203,6 +208,7 @@ def main() -> None:
         a.stages = sorted({r["stage"] for r in results}, reverse=True)
         a.modes = [m for m in ("trl", "ours", "ours_sp2") if any(r["mode"] == m for r in results)]
         write(out, meta | {"cap_gb": cap}, results, a.stages, a.modes, cap)
+        print(json.dumps(json.loads(out.with_suffix(".json").read_text())["summary"], indent=1))
         return
     tok_dir = tempfile.mkdtemp(prefix="bench_longctx_tok_")
     train_tokenizer(TinyModelSpec(vocab_size=400, max_position_embeddings=1 << 20)).save_pretrained(tok_dir)
@@ -216,15 +222,20 @@ def main() -> None:
                 r.pop("tokenizer", None)
                 results.append(r)
                 print(json.dumps(r), flush=True)
+                meta = dict(command=" ".join(["python"] + sys.argv), device=a.device, preset=preset,
+                            geometry=PRESETS[preset], tile_tokens=tile, cap_gb=cap, total_s=round(time.time() - start),
+                            versions=versions(),
+                            memory="peak RSS of the child process" if a.device == "cpu"
+                            else "torch.cuda.max_memory_allocated")
+                write(out, meta, results, a.stages, a.modes, cap)  # after every configuration: partial runs count
+
+
+def versions() -> dict:
     import torch
     import transformers
     import trl
 
-    meta = dict(command=" ".join([Path(sys.executable).name] + sys.argv), device=a.device, preset=preset,
-                geometry=PRESETS[preset], tile_tokens=tile, cap_gb=cap, total_s=round(time.time() - start),
-                versions=dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__),
-                memory="peak RSS of the child process" if a.device == "cpu" else "torch.cuda.max_memory_allocated")
-    write(out, meta, results, a.stages, a.modes, cap)
+    return dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__)
 
 
 def write(out: Path, meta: dict, results: list[dict], stages, modes, cap: float) -> None:
@@ -249,8 +260,10 @@ def write(out: Path, meta: dict, results: list[dict], stages, modes, cap: float)
                 summary[f"{stage}/{mode}"]["max_length_ratio_vs_trl"] = round(ours_max / trl_max, 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "summary": summary, "results": results})
-    plot(results, out, cap)
-    print(json.dumps(summary, indent=1))
+    try:
+        plot(results, out, cap)
+    except ImportError:  # e.g. a GPU box without matplotlib: re-plot later with --resummarize
+        pass
 
 
 if __name__ == "__main__":

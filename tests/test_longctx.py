@@ -91,11 +91,12 @@ def test_tiled_mlp_rejects_unsupported_architecture():
 
 
 @pytest.mark.parametrize("tiled", [False, True])
-def test_packed_rows_equal_padded_rows(tiled):
+@pytest.mark.parametrize("attention", [ATTN_IMPLEMENTATION, "sdpa"])  # per-sequence SDPA / transformers' packed mask
+def test_packed_rows_equal_padded_rows(tiled, attention):
     data = batch()
     plain = loss_and_grads(tiny_lm("llama"), *data)
     model = tiny_lm("llama")
-    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    model.set_attn_implementation(attention)
     wrap_fused_forward(model, pack=True)
     if tiled:
         patch_tiled_mlp(model, 5)

@@ -11,13 +11,14 @@ log-probs and metrics run unchanged on exact per-sequence log-probs, whatever th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 import torch.nn.functional as F
 from trl.trainer.utils import FusedCausalLMOutput
 
-from pipeline.longctx.ulysses import gather_seq, layout_context
+from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION, gather_seq, layout_context
 
 FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 # Varlen flash-attention metadata of TRL's padding-free SFT collator: describes the unsharded row only.
@@ -34,7 +35,9 @@ def wrap_fused_forward(model, *, pack: bool, sp_group=None, sp_active=lambda: Tr
         sharded = sp_group is not None and sp_active()
         if not fused_lm_head or args or not (pack or sharded):
             return inner(*args, fused_lm_head=fused_lm_head, **kwargs)
-        return _long_forward(inner, pack=pack, group=sp_group if sharded else None, **kwargs)
+        # Our attention (per-sequence SDPA, Ulysses) needs the layout; flash-attention reads packing from position_ids.
+        ours = model.config._attn_implementation == ATTN_IMPLEMENTATION
+        return _long_forward(inner, pack=pack, group=sp_group if sharded else None, ours=ours, **kwargs)
 
     model.forward = forward
 
@@ -62,12 +65,15 @@ def unpack(field: torch.Tensor, starts, lengths, width: int) -> torch.Tensor:
     return out.masked_fill(~valid, 0) if out.dtype != torch.bool else out & valid
 
 
-def _long_forward(inner, *, pack, group, input_ids, labels, attention_mask=None, position_ids=None,
+def _long_forward(inner, *, pack, group, ours, input_ids, labels, attention_mask=None, position_ids=None,
                   shift_labels=None, num_items_in_batch=None, **kwargs):
     if shift_labels is not None:
         raise ValueError("long-context forward: pre-shifted `shift_labels` are not supported (pass `labels`)")
-    for key in _VARLEN_KEYS:
-        kwargs.pop(key, None)
+    if group is not None:
+        if not ours:
+            raise ValueError(f"sequence parallelism needs attn_implementation '{ATTN_IMPLEMENTATION}'")
+        for key in _VARLEN_KEYS:
+            kwargs.pop(key, None)
     rows, width = input_ids.shape
     layout = None
     if pack and attention_mask is not None:
@@ -88,9 +94,10 @@ def _long_forward(inner, *, pack, group, input_ids, labels, attention_mask=None,
 
     one_row = layout is not None or (attention_mask is None and rows == 1)
     if group is None:
-        with layout_context(None, pos if one_row else None) as attn_layout:
-            out = inner(input_ids=ids, position_ids=pos, shift_labels=shift, fused_lm_head=True,
-                        longctx_layout=attn_layout, **kwargs)
+        with layout_context(None, pos if one_row else None) if ours else contextlib.nullcontext() as attn_layout:
+            if ours:
+                kwargs["longctx_layout"] = attn_layout
+            out = inner(input_ids=ids, position_ids=pos, shift_labels=shift, fused_lm_head=True, **kwargs)
         fields = {name: getattr(out, name) for name in FIELDS}
     else:
         if not one_row and position_ids is not None and \
