@@ -8,7 +8,7 @@ Every configuration runs in its own child process (2 optimizer steps on a model 
 which reports its peak memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated) and the time of
 the second step. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
 LM head, padded rows); "ours" adds the long-context switches (tiled MLP, padding-free rows incl. DPO, and on CUDA
-checkpoint offload); "ours_sp2" also shards every sequence over 2 processes (torchrun; memory is per process).
+checkpoint offload, and the fused LM head in chunks of --tile-tokens instead of TRL's 32768); "ours_sp2" also shards every sequence over 2 processes (torchrun; memory is per process).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
 SDPA/flash, so memory is linear in length) over the measured lengths; it is marked as extrapolated.
@@ -79,6 +79,7 @@ def child(spec: dict) -> dict:
         args, cls, extra = DPOConfig(**common), DPOTrainer, {"ref_model": model()}
     if mode != "trl":
         cls = long_context_trainer(cls, LongContextArguments(tiled_mlp_tile_tokens=spec["tile_tokens"],
+                                                             tiled_loss_tokens=spec["tile_tokens"],
                                                              checkpoint_offload=cuda,
                                                              sequence_parallel_size=spec.get("sp", 1)))
     assert args.gradient_checkpointing, "TRL's default is activation checkpointing on"
@@ -182,7 +183,8 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     p.add_argument("--modes", nargs="+", default=["trl", "ours"], choices=["trl", "ours", "ours_sp2"])
-    p.add_argument("--tile-tokens", type=int, default=None, help="tiled-MLP tile; default: the hidden size (ALST)")
+    p.add_argument("--tile-tokens", type=int, default=None,
+                   help="tokens per tiled-MLP tile and per tiled-loss chunk; default: the hidden size (ALST's rule)")
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap for the longest-sequence estimate")
     p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
     p.add_argument("--out", default="benchmarks/longctx")

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+import trl.trainer.utils as trl_utils
 
 from pipeline.longctx import LongContextArguments, long_context_trainer
 from pipeline.longctx.fused_forward import wrap_fused_forward
@@ -18,6 +19,7 @@ from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION
 from conftest import ROOT
 
 ATOL = 2e-5
+TRL_CHUNK = trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE
 
 
 def tiny_lm(arch: str):
@@ -167,7 +169,8 @@ def _assert_trainers_agree(a, b):
 @pytest.mark.parametrize("switches", [
     dict(padding_free=True),
     dict(tiled_mlp_tile_tokens=16),
-    dict(padding_free=True, tiled_mlp_tile_tokens=16, checkpoint_offload=True),
+    dict(tiled_loss_tokens=8),
+    dict(padding_free=True, tiled_mlp_tile_tokens=16, tiled_loss_tokens=8, checkpoint_offload=True),
 ])
 def test_dpo_switches_equal_plain_dpo(tiny_model_dir, tmp_path, switches):
     from trl import DPOConfig, DPOTrainer
@@ -179,7 +182,10 @@ def test_dpo_switches_equal_plain_dpo(tiny_model_dir, tmp_path, switches):
     plain = _trainer_grads(DPOTrainer, config(), tiny_model_dir, _pairs(), ref=True)
     lc = LongContextArguments(**{k: v for k, v in switches.items() if k != "padding_free"})
     args = config(padding_free=switches.get("padding_free", False))
-    ours = _trainer_grads(long_context_trainer(DPOTrainer, lc), args, tiny_model_dir, _pairs(), ref=True)
+    try:
+        ours = _trainer_grads(long_context_trainer(DPOTrainer, lc), args, tiny_model_dir, _pairs(), ref=True)
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_CHUNK  # a process-wide setting: restore it for other tests
     if lc.checkpoint_offload:
         assert args.gradient_checkpointing and args.activation_offloading == torch.cuda.is_available()
     _assert_trainers_agree(plain, ours)
@@ -191,7 +197,8 @@ def _chats(n=4):
             for i in range(n)]
 
 
-@pytest.mark.parametrize("switches", [dict(padding_free=True), dict(padding_free=True, tiled_mlp_tile_tokens=16)])
+@pytest.mark.parametrize("switches", [dict(padding_free=True),
+                                      dict(padding_free=True, tiled_mlp_tile_tokens=16, tiled_loss_tokens=8)])
 def test_sft_switches_equal_plain_sft(tiny_model_dir, tmp_path, switches):
     from trl import SFTConfig, SFTTrainer
 
@@ -201,7 +208,11 @@ def test_sft_switches_equal_plain_sft(tiny_model_dir, tmp_path, switches):
 
     plain = _trainer_grads(SFTTrainer, config(), tiny_model_dir, _chats())
     lc = LongContextArguments(**{k: v for k, v in switches.items() if k != "padding_free"})
-    ours = _trainer_grads(long_context_trainer(SFTTrainer, lc), config(padding_free=True), tiny_model_dir, _chats())
+    try:
+        ours = _trainer_grads(long_context_trainer(SFTTrainer, lc), config(padding_free=True), tiny_model_dir,
+                              _chats())
+    finally:
+        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_CHUNK
     _assert_trainers_agree(plain, ours)
 
 

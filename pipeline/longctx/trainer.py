@@ -6,6 +6,7 @@ import dataclasses
 import logging
 
 import torch
+import trl.trainer.utils as trl_utils
 
 from pipeline.longctx.fused_forward import wrap_fused_forward
 from pipeline.longctx.tiled_mlp import patch_tiled_mlp
@@ -25,6 +26,10 @@ class LongContextArguments:
                   "recomputed in backward (ALST). Exact; inputs of at most one tile take the plain path."})
     tiled_mlp_tile_tokens: int = dataclasses.field(
         default=4096, metadata={"help": "Tokens per MLP tile (smaller: less memory, more kernel launches)."})
+    tiled_loss_tokens: int = dataclasses.field(
+        default=4096,
+        metadata={"help": "Tokens per chunk of TRL's fused LM head + log-prob (ALST's tiled loss). TRL 1.16 uses "
+                  "32768-token chunks, i.e. full [tokens, vocab] logits below 32k tokens. Exact."})
     checkpoint_offload: bool = dataclasses.field(
         default=False,
         metadata={"help": "Turn on activation checkpointing and offload the checkpoints to host memory (TRL's "
@@ -38,6 +43,8 @@ class LongContextArguments:
     def __post_init__(self):
         if self.tiled_mlp_tile_tokens < 1:
             raise ValueError("key 'tiled_mlp_tile_tokens' must be >= 1")
+        if self.tiled_loss_tokens < 1:
+            raise ValueError("key 'tiled_loss_tokens' must be >= 1")
         if self.sequence_parallel_size < 1:
             raise ValueError("key 'sequence_parallel_size' must be >= 1")
 
@@ -66,6 +73,8 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
             if sp > 1:
                 check_heads(kwargs["model"].config, sp)
             super().__init__(*args, **kwargs)
+            # TRL exposes no argument for its fused LM head's chunk; this module constant is read at every call.
+            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = lc_args.tiled_loss_tokens
 
             self._sp_group, self._sp_on = None, False
             if sp > 1:
