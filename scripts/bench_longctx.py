@@ -7,8 +7,9 @@
 Every configuration runs in its own child process (2 optimizer steps on a model built from a config: no download),
 which reports its peak memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated) and the time of
 the second step. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
-LM head, padded rows); "ours" adds the long-context switches (tiled MLP, padding-free rows incl. DPO, and on CUDA
-checkpoint offload, and the fused LM head in chunks of --tile-tokens instead of TRL's 32768); "ours_sp2" also shards every sequence over 2 processes (torchrun; memory is per process).
+LM head, padded rows); "ours" adds the long-context switches (tiled MLP and tiled loss in chunks of --tile-tokens
+instead of TRL's 32768 tokens, padding-free rows incl. DPO, and on CUDA checkpoint offload); "ours_sp2" also shards
+every sequence over 2 processes (torchrun; memory is per process).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
 SDPA/flash, so memory is linear in length) over the measured lengths; it is marked as extrapolated.

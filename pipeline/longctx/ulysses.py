@@ -1,11 +1,12 @@
-"""Ulysses sequence parallelism on plain torch.distributed (works with gloo on CPU and NCCL on GPU).
+"""Attention for long rows: per-sequence SDPA for packed rows, and Ulysses sequence parallelism on plain
+torch.distributed (gloo on CPU, NCCL on GPU).
 
 Each rank of a sequence-parallel (SP) group holds a contiguous shard of every sequence. Everything in a decoder
 layer except attention is token-wise, so it runs on the shard as is. Attention swaps the split: an all-to-all turns
 (all heads, my tokens) into (my heads, all tokens), attention runs over the full sequence for 1/sp of the heads,
 and a second all-to-all turns it back. Requires the query and key/value head counts to be divisible by sp.
 
-The attention function is registered with transformers' public `AttentionInterface` as "ulysses_sdpa". Outside a
+The attention function is registered with transformers' public `AttentionInterface` as "longctx_sdpa". Outside a
 long-context forward (`layout_context`) it is plain SDPA, so evaluation and generation are unchanged.
 """
 
