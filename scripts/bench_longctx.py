@@ -52,6 +52,8 @@ def child(spec: dict) -> dict:
     from pipeline.longctx import LongContextArguments, long_context_trainer
 
     cuda = spec["device"] == "cuda"
+    if cuda:  # one GPU per process under torchrun (ours_sp2)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dtype = torch.bfloat16 if cuda else torch.float32
     tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
     config = LlamaConfig(**PRESETS[spec["preset"]], max_position_embeddings=max(spec["length"] * 2, 4096),
@@ -60,7 +62,7 @@ def child(spec: dict) -> dict:
 
     def model():
         torch.manual_seed(0)
-        with torch.device("cuda" if cuda else "cpu"):
+        with torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"):
             return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     # Digits tokenize one per token, so a string of n digits is n tokens.
