@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     train, evaluation = load_train_data(data_args, "sft", source, seed=training_args.seed)
 
     # Training
-    trainer_cls = long_context_trainer(SFTTrainer, lc_args)  # tiled MLP, sequence parallelism
+    trainer_cls = long_context_trainer(SFTTrainer, lc_args)  # long-context switches (pipeline/longctx)
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           processing_class=tokenizer, peft_config=peft_config(model_args))
     return train_and_save(trainer, "sft")
