@@ -7,7 +7,9 @@
 
 The reference model is, in order: `ref_model_name_or_path` if given; with LoRA, the base with the
 adapter disabled; otherwise a frozen copy of the initial policy. `precompute_ref_log_probs: true`
-computes the reference log-probs once up front and keeps no reference model in memory.
+computes the reference log-probs once up front and keeps no reference model in memory. Long
+sequences: `padding_free: true` packs chosen and rejected rows (exact per-sequence log-probs, which
+TRL 1.16 does not offer for DPO), plus the other switches of pipeline/longctx.
 """
 
 from __future__ import annotations
@@ -20,21 +22,18 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/dpo.py` runs this f
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from pipeline.config import DataArguments, ModelArguments, check_training, cli, parse  # noqa: E402
+from pipeline.config import cli  # noqa: E402
 from pipeline.data import load_train_data  # noqa: E402
+from pipeline.longctx import long_context_trainer  # noqa: E402
 from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path, resolve_ref_path  # noqa: E402
-from pipeline.training import logger, plan, setup_logging, train_and_save  # noqa: E402
+from pipeline.training import parse_stage, train_and_save  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    (data_args, training_args, model_args), _, source = parse(
-        [DataArguments, DPOConfig, ModelArguments], argv, prog="pipeline/dpo.py")
-    check_training(model_args, training_args, data_args, source)
-    if data_args.dry_run:
-        print(plan("dpo", source, data_args, training_args, model_args))
+    parsed = parse_stage("dpo", DPOConfig, argv)
+    if parsed is None:  # --dry_run
         return None
-    setup_logging(training_args)
-    logger.info("\n%s", plan("dpo", source, data_args, training_args, model_args))
+    data_args, training_args, model_args, lc_args, source = parsed
 
     # Model, reference & tokenizer
     path = resolve_model_path(model_args, source)
@@ -47,8 +46,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     train, evaluation = load_train_data(data_args, "dpo", source, seed=training_args.seed)
 
     # Training
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
-                         eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
+    trainer_cls = long_context_trainer(DPOTrainer, lc_args)
+    trainer = trainer_cls(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
+                          eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
     return train_and_save(trainer, "dpo", data_args)
 
 

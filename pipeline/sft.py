@@ -6,7 +6,8 @@
     python -m pipeline.sft --config recipes/tiny/sft.yaml --dry_run
 
 Every recipe key can be overridden on the command line. A run resumes from the last checkpoint in
-`output_dir`. The model (or LoRA adapter) is saved to `output_dir` in the standard formats.
+`output_dir`. The model (or LoRA adapter) is saved to `output_dir` in the standard formats. Long
+sequences: tiled MLP / tiled loss / packing / sequence parallelism switches (pipeline/longctx).
 """
 
 from __future__ import annotations
@@ -19,21 +20,18 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/sft.py` runs this f
 
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from pipeline.config import DataArguments, ModelArguments, check_training, cli, parse  # noqa: E402
+from pipeline.config import cli  # noqa: E402
 from pipeline.data import load_train_data  # noqa: E402
+from pipeline.longctx import long_context_trainer  # noqa: E402
 from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path  # noqa: E402
-from pipeline.training import logger, plan, setup_logging, train_and_save  # noqa: E402
+from pipeline.training import parse_stage, train_and_save  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    (data_args, training_args, model_args), _, source = parse(
-        [DataArguments, SFTConfig, ModelArguments], argv, prog="pipeline/sft.py")
-    check_training(model_args, training_args, data_args, source)
-    if data_args.dry_run:
-        print(plan("sft", source, data_args, training_args, model_args))
+    parsed = parse_stage("sft", SFTConfig, argv)
+    if parsed is None:  # --dry_run
         return None
-    setup_logging(training_args)
-    logger.info("\n%s", plan("sft", source, data_args, training_args, model_args))
+    data_args, training_args, model_args, lc_args, source = parsed
 
     # Model & tokenizer
     path = resolve_model_path(model_args, source)
@@ -44,8 +42,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     train, evaluation = load_train_data(data_args, "sft", source, seed=training_args.seed)
 
     # Training
-    trainer = SFTTrainer(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
-                         processing_class=tokenizer, peft_config=peft_config(model_args))
+    trainer_cls = long_context_trainer(SFTTrainer, lc_args)
+    trainer = trainer_cls(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
+                          processing_class=tokenizer, peft_config=peft_config(model_args))
     return train_and_save(trainer, "sft", data_args)
 
 

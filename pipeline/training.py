@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import DataArguments, ModelArguments, zero_stage
+from pipeline.config import DataArguments, ModelArguments, check_training, parse, zero_stage
 from pipeline.io import STAGE_RESULT, read_stage_result, write_stage_result
 
 logger = logging.getLogger("pipeline")
@@ -26,7 +26,25 @@ def setup_logging(training_args) -> None:
         datasets.disable_progress_bars()
 
 
-def plan(stage: str, source: str, data_args: DataArguments, training_args, model_args: ModelArguments) -> str:
+def parse_stage(stage: str, config_cls, argv: list[str] | None):
+    """Parse a trainer stage's recipe (data, TRL config, model, long-context switches), check it and print its
+    plan. Returns (data_args, training_args, model_args, lc_args, source), or None after a --dry_run."""
+    from pipeline.longctx import LongContextArguments
+
+    (data_args, training_args, model_args, lc_args), _, source = parse(
+        [DataArguments, config_cls, ModelArguments, LongContextArguments], argv, prog=f"pipeline/{stage}.py")
+    check_training(model_args, training_args, data_args, source)
+    summary = plan(stage, source, data_args, training_args, model_args, lc_args)
+    if data_args.dry_run:
+        print(summary)
+        return None
+    setup_logging(training_args)
+    logger.info("\n%s", summary)
+    return data_args, training_args, model_args, lc_args, source
+
+
+def plan(stage: str, source: str, data_args: DataArguments, training_args, model_args: ModelArguments,
+         lc_args=None) -> str:
     """A human-readable summary of what the recipe will do (printed by --dry_run and at startup)."""
     if model_args.use_peft:
         bits = "4-bit " if model_args.load_in_4bit else "8-bit " if model_args.load_in_8bit else ""
@@ -56,6 +74,12 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
                                                      else "a frozen copy of the initial policy")
         lines.append(f"reference:    {ref}{' (log-probs precomputed)' if training_args.precompute_ref_log_probs else ''}"
                      f"; beta={training_args.beta}, loss={training_args.loss_type}")
+    if lc_args is not None:
+        packing = "on" if getattr(training_args, "padding_free", False) else "off"
+        lines.append(f"long context: tiled MLP {'on' if lc_args.tiled_mlp else 'off'} "
+                     f"({lc_args.tiled_mlp_tile_tokens}-token tiles), loss chunks {lc_args.tiled_loss_tokens}, "
+                     f"padding-free {packing}, sequence parallel {lc_args.sequence_parallel_size}, "
+                     f"checkpoint offload {'on' if lc_args.checkpoint_offload else 'off'}")
     if data_args.accelerate_config:
         lines.append(f"launch:       accelerate launch --config_file {data_args.accelerate_config} "
                      f"pipeline/{stage}.py --config {source}")

@@ -1,0 +1,118 @@
+"""Long-context switches for the SFT and DPO stages, and the trainer class that applies them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import trl.trainer.utils as trl_utils
+
+from pipeline.longctx.fused_forward import wrap_fused_forward
+from pipeline.longctx.tiled_mlp import patch_tiled_mlp
+from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION, check_heads
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class LongContextArguments:
+    """Recipe switches for long sequences. Padding-free packing is TRL's own `padding_free` key (SFT: TRL's
+    implementation; DPO, where TRL 1.16 disables it: ours, exact per-sequence log-probs)."""
+
+    tiled_mlp: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "Run each decoder MLP over the sequence in tiles of tiled_mlp_tile_tokens tokens, "
+                  "recomputed in backward (ALST). Exact; inputs of at most one tile take the plain path."})
+    tiled_mlp_tile_tokens: int = dataclasses.field(
+        default=4096, metadata={"help": "Tokens per MLP tile (smaller: less memory, more kernel launches)."})
+    tiled_loss_tokens: int = dataclasses.field(
+        default=4096,
+        metadata={"help": "Tokens per chunk of TRL's fused LM head + log-prob (ALST's tiled loss). TRL 1.16 uses "
+                  "32768-token chunks, i.e. full [tokens, vocab] logits below 32k tokens. Exact."})
+    checkpoint_offload: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Turn on activation checkpointing and offload the checkpoints to host memory (TRL's "
+                  "activation_offloading; GPU only: on CPU activations already live in host memory). Off by "
+                  "default: it costs transfer time and helps only when GPU memory is the limit."})
+    sequence_parallel_size: int = dataclasses.field(
+        default=1,
+        metadata={"help": "Shard every sequence across this many processes (Ulysses all-to-all attention on "
+                  "torch.distributed, SDPA kernels). Must divide the world size and the (KV) head counts."})
+
+    def __post_init__(self):
+        if self.tiled_mlp_tile_tokens < 1:
+            raise ValueError("key 'tiled_mlp_tile_tokens' must be >= 1")
+        if self.tiled_loss_tokens < 1:
+            raise ValueError("key 'tiled_loss_tokens' must be >= 1")
+        if self.sequence_parallel_size < 1:
+            raise ValueError("key 'sequence_parallel_size' must be >= 1")
+
+
+def _base(model):
+    while hasattr(model, "module"):  # DDP / DeepSpeed engine
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
+    """`trainer_cls` (TRL's SFTTrainer or DPOTrainer) with the long-context switches of `lc_args` applied."""
+
+    class LongContextTrainer(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            training_args = kwargs["args"]
+            if lc_args.checkpoint_offload:
+                training_args.gradient_checkpointing = True
+                training_args.activation_offloading = torch.cuda.is_available()
+            # Padding-free rows go through our forward (per-sequence attention, no [T, T] mask). TRL 1.16's
+            # DPOTrainer ignores padding_free (with a warning): there the packing itself is ours.
+            self._pack = getattr(training_args, "padding_free", False)
+            if self._pack and hasattr(training_args, "beta"):
+                training_args.padding_free = False
+            sp = lc_args.sequence_parallel_size
+            if sp > 1:
+                check_heads(kwargs["model"].config, sp)
+            super().__init__(*args, **kwargs)
+            # TRL exposes no argument for its fused LM head's chunk; this module constant is read at every call.
+            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = lc_args.tiled_loss_tokens
+
+            self._sp_group, self._sp_on = None, False
+            if sp > 1:
+                world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                if world % sp:
+                    raise ValueError(f"sequence_parallel_size {sp} must divide the number of processes ({world}); "
+                                     "launch with torchrun --nproc_per_node or a MULTI_GPU accelerate config")
+                if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+                    raise ValueError("sequence_parallel_size > 1 runs on DDP (or one process per group), not "
+                                     "DeepSpeed/FSDP: see docs/longctx.md for DeepSpeed's ALST Ulysses path")
+                self._sp_group, _ = torch.distributed.new_subgroups(group_size=sp)
+            models = [self.model] + ([self.ref_model] if getattr(self, "ref_model", None) is not None else [])
+            for model in models:
+                base = _base(model)
+                if lc_args.tiled_mlp:
+                    patch_tiled_mlp(base, lc_args.tiled_mlp_tile_tokens)
+                if sp > 1 or (self._pack and base.config._attn_implementation == "sdpa"):
+                    base.set_attn_implementation(ATTN_IMPLEMENTATION)  # SDPA, per packed sequence / sharded
+                if self._pack or sp > 1:
+                    wrap_fused_forward(base, pack=self._pack, sp_group=self._sp_group,
+                                       sp_active=lambda: self._sp_on)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._sp_group is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # The group works through the micro-batches of all its ranks in turn, each sharded along the sequence,
+            # so a step sees the same samples, and (with DDP's averaging) the same gradient as plain data parallel.
+            batches = [None] * torch.distributed.get_world_size(self._sp_group)
+            local = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
+            torch.distributed.all_gather_object(batches, local, group=self._sp_group)
+            losses = []
+            self._sp_on = True
+            try:
+                for batch in batches:
+                    losses.append(super().training_step(model, batch, num_items_in_batch))
+            finally:
+                self._sp_on = False
+            return torch.stack(losses).mean()
+
+    LongContextTrainer.__name__ = LongContextTrainer.__qualname__ = f"LongContext{trainer_cls.__name__}"
+    return LongContextTrainer

@@ -1,0 +1,157 @@
+"""Attention for long rows: per-sequence SDPA for packed rows, and Ulysses sequence parallelism on plain
+torch.distributed (gloo on CPU, NCCL on GPU).
+
+Each rank of a sequence-parallel (SP) group holds a contiguous shard of every sequence. Everything in a decoder
+layer except attention is token-wise, so it runs on the shard as is. Attention swaps the split: an all-to-all turns
+(all heads, my tokens) into (my heads, all tokens), attention runs over the full sequence for 1/sp of the heads,
+and a second all-to-all turns it back. Requires the query and key/value head counts to be divisible by sp.
+
+The attention function is registered with transformers' public `AttentionInterface` as "longctx_sdpa". Outside a
+long-context forward (`layout_context`) it is plain SDPA, so evaluation and generation are unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+ATTN_IMPLEMENTATION = "longctx_sdpa"
+
+
+@dataclass
+class _Layout:
+    group: dist.ProcessGroup | None  # sequence-parallel group, or None: the whole sequence is local
+    segments: list[tuple[int, int]] | None  # packed sequences of the full row as (start, end), or None: one sequence
+
+
+_CURRENT: contextvars.ContextVar[_Layout | None] = contextvars.ContextVar("longctx_layout", default=None)
+
+
+@contextlib.contextmanager
+def layout_context(group, full_position_ids: torch.Tensor | None):
+    """Yields the `longctx_layout` keyword to pass to the model: attention then runs sequence-parallel over `group`
+    (if any) and, for one packed row with its full position ids, causal SDPA on each packed sequence separately (no
+    [T, T] mask; flash kernels stay usable). The keyword travels with the layer inputs, so activation checkpointing
+    recomputes the same attention in backward; the context itself only stops transformers from building a mask."""
+    layout = _Layout(group, None if full_position_ids is None else segments(full_position_ids))
+    token = _CURRENT.set(layout)
+    try:
+        yield layout
+    finally:
+        _CURRENT.reset(token)
+
+
+def segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+    """(start, end) of each packed sequence of a [1, T] row: a new one starts where the position does not continue
+    by +1 (transformers' rule for packed rows). None for a single sequence."""
+    pos = position_ids[0]
+    starts = [0] + ((pos[1:] - pos[:-1]) != 1).nonzero().flatten().add(1).tolist()
+    if len(starts) == 1:
+        return None
+    return list(zip(starts, starts[1:] + [pos.numel()]))
+
+
+def _all_to_all(x: torch.Tensor, group, split_dim: int, cat_dim: int) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in x.chunk(world, dim=split_dim)]
+    outputs = [torch.empty_like(t) for t in inputs]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, dim=cat_dim)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """[B, H, S/sp, D] (all heads, my tokens) -> [B, H/sp, S, D] (my heads, all tokens)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_to_all(x, group, split_dim=1, cat_dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, split_dim=2, cat_dim=1), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """[B, H/sp, S, D] -> [B, H, S/sp, D]; the inverse of `_SeqToHeads`."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_to_all(x, group, split_dim=2, cat_dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.group, split_dim=1, cat_dim=2), None
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=1)
+
+
+class _GatherSeq(torch.autograd.Function):
+    """All-gather shards along dim 1. The loss computed from the gathered tensor is the same on every rank of the
+    group, so the gradient of a rank's shard is its own slice (no reduction)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.size = group, x.shape[1]
+        return _gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rank = dist.get_rank(ctx.group)
+        return grad[:, rank * ctx.size : (rank + 1) * ctx.size].contiguous(), None
+
+
+def gather_seq(x: torch.Tensor, group) -> torch.Tensor:
+    if x.dtype == torch.bool:  # not every backend gathers bool tensors
+        return _gather(x.to(torch.uint8), group).bool()
+    return _GatherSeq.apply(x, group) if x.requires_grad else _gather(x, group)
+
+
+def _causal(module, q, k, v, spans, **kwargs):
+    if spans is None:
+        return sdpa_attention_forward(module, q, k, v, None, is_causal=True, **kwargs)[0]
+    return torch.cat([sdpa_attention_forward(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None,
+                                             is_causal=True, **kwargs)[0] for a, b in spans], dim=1)
+
+
+def longctx_attention(module, query, key, value, attention_mask, **kwargs):
+    layout = kwargs.pop("longctx_layout", None)
+    if layout is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    kwargs = {k: kwargs[k] for k in ("dropout", "scaling") if k in kwargs}
+    if layout.group is None:
+        return _causal(module, query, key, value, layout.segments, **kwargs), None
+    q, k, v = (_SeqToHeads.apply(t, layout.group) for t in (query, key, value))
+    out = _causal(module, q, k, v, layout.segments, **kwargs)  # [B, S, H/sp, D]
+    out = _HeadsToSeq.apply(out.transpose(1, 2), layout.group)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _mask(*args, **kwargs):
+    # A long-context forward needs no mask (attention is causal per sequence); elsewhere: exactly sdpa's.
+    return None if _CURRENT.get() is not None else sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, longctx_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+
+
+def check_heads(config, sp: int) -> None:
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if heads % sp or kv % sp:
+        raise ValueError(f"sequence_parallel_size {sp} must divide the attention heads ({heads}) and key/value "
+                         f"heads ({kv}) of the model")

@@ -1,0 +1,275 @@
+"""Peak memory and step time of one SFT and one DPO step vs sequence length: TRL 1.16 defaults vs ours.
+
+    python scripts/bench_longctx.py                                   # CPU, ~10 min on 2 shared cores
+    python scripts/bench_longctx.py --device cuda --preset llama8b-4l --lengths 16384 32768 65536 131072 \
+        --cap-gb 80 --out benchmarks/longctx_h100
+
+Every configuration runs in its own child process (2 optimizer steps on a model built from a config: no download),
+which reports its peak memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated) and the time of
+the second step. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
+LM head, padded rows); "ours" adds the long-context switches (tiled MLP and tiled loss in chunks of --tile-tokens
+instead of TRL's 32768 tokens, padding-free rows incl. DPO, and on CUDA checkpoint offload); "ours_sp2" also shards
+every sequence over 2 processes (torchrun; memory is per process).
+A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
+The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
+SDPA/flash, so memory is linear in length) over the measured lengths; it is marked as extrapolated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {  # realistic widths and vocabularies, few layers (memory per layer is what the switches change)
+    # Qwen2-0.5B's width (hidden 896, MLP 4864, 14/2 heads), one layer: with checkpointing, the per-layer peak
+    # (what the switches change) is that of one layer anyway, and 2 shared CPU cores allow no more.
+    "qwen2-0.5b-1l": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                          num_hidden_layers=1, vocab_size=32000),
+    "llama8b-4l": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=4, vocab_size=128256),
+}
+
+
+# ------------------------------------------------------------------------------------------------ child
+
+
+def child(spec: dict) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, TrainerCallback
+    from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+
+    from pipeline.longctx import LongContextArguments, long_context_trainer
+
+    cuda = spec["device"] == "cuda"
+    if cuda:  # one GPU per process under torchrun (ours_sp2)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dtype = torch.bfloat16 if cuda else torch.float32
+    tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
+    config = LlamaConfig(**PRESETS[spec["preset"]], max_position_embeddings=max(spec["length"] * 2, 4096),
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
+                         attn_implementation="sdpa")
+
+    def model():
+        torch.manual_seed(0)
+        with torch.device(f"cuda:{torch.cuda.current_device()}" if cuda else "cpu"):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+    # Digits tokenize one per token, so a string of n digits is n tokens.
+    rng = torch.Generator().manual_seed(0)
+    digits = lambda n: "".join(map(str, torch.randint(0, 10, (n,), generator=rng).tolist()))  # noqa: E731
+    half = spec["length"] // 2
+    stage, mode = spec["stage"], spec["mode"]
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=1, learning_rate=1e-5,
+                  logging_steps=1, save_strategy="no", report_to="none", max_length=None, bf16=cuda, use_cpu=not cuda,
+                  padding_free=mode != "trl", disable_tqdm=True, dataloader_num_workers=0)
+    if stage == "sft":
+        rows = [{"prompt": digits(half), "completion": digits(spec["length"] - half - 1)} for _ in range(2)]
+        args, cls, extra = SFTConfig(**common), SFTTrainer, {}
+    else:
+        rows = [{"prompt": digits(half), "chosen": digits(spec["length"] - half - 1),
+                 "rejected": digits(spec["length"] - half - 1)} for _ in range(2)]
+        args, cls, extra = DPOConfig(**common), DPOTrainer, {"ref_model": model()}
+    if mode != "trl":
+        cls = long_context_trainer(cls, LongContextArguments(tiled_mlp_tile_tokens=spec["tile_tokens"],
+                                                             tiled_loss_tokens=spec["tile_tokens"],
+                                                             checkpoint_offload=cuda,
+                                                             sequence_parallel_size=spec.get("sp", 1)))
+    assert args.gradient_checkpointing, "TRL's default is activation checkpointing on"
+
+    times = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            times.append(-time.perf_counter())
+
+        def on_step_end(self, *a, **k):
+            if cuda:
+                torch.cuda.synchronize()
+            times[-1] += time.perf_counter()
+
+    trainer = cls(model=model(), args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                  callbacks=[StepTimer()], **extra)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    tokens = spec["length"] * (1 if stage == "sft" else 2)  # DPO: chosen + rejected
+    return {**spec, "peak_gb": peak / 2**30, "step_s": times[-1], "tokens_per_s": tokens / times[-1],
+            "steps": len(times), "world_size": trainer.args.world_size}
+
+
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def run_config(spec: dict, timeout: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable]
+    if spec.get("sp", 1) > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec["sp"])]
+    start = time.time()
+    try:
+        proc = subprocess.run(launcher + [__file__, "--child", json.dumps(spec)], env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**spec, "error": f"timeout after {timeout} s"}
+    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not results:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+        oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
+        return {**spec, "error": "out of memory" if oom else tail[0][-300:]}
+    # With SP, memory and time are those of the worst rank.
+    best = max(results, key=lambda r: r["peak_gb"])
+    step_s = max(r["step_s"] for r in results)
+    return {**best, "step_s": step_s, "tokens_per_s": best["tokens_per_s"] * best["step_s"] / step_s,
+            "wall_s": round(time.time() - start, 1)}
+
+
+def fit_max_length(points: list[tuple[int, float]], cap_gb: float) -> int | None:
+    """Longest length whose fitted peak memory (least squares line over the points) stays under the cap."""
+    if len(points) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    intercept = my - slope * mx
+    return int((cap_gb - intercept) / slope) if slope > 0 else None
+
+
+def plot(results: list[dict], out: Path, cap_gb: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
+    for col, stage in enumerate(("sft", "dpo")):
+        for mode, style in (("trl", "o-"), ("ours", "s-"), ("ours_sp2", "^--")):
+            pts = sorted((r["length"], r) for r in results if r["stage"] == stage and r["mode"] == mode
+                         and "error" not in r)
+            if not pts:
+                continue
+            xs = [x for x, _ in pts]
+            axes[0][col].plot(xs, [r["peak_gb"] for _, r in pts], style, label=mode)
+            axes[1][col].plot(xs, [r["step_s"] for _, r in pts], style, label=mode)
+        axes[0][col].axhline(cap_gb, color="grey", lw=0.8, ls=":", label=f"cap {cap_gb:g} GB")
+        axes[0][col].set_title(f"{stage.upper()}: peak memory per process (GB)")
+        axes[1][col].set_title(f"{stage.upper()}: step time (s)")
+        for row in (0, 1):
+            axes[row][col].set_xscale("log", base=2)
+            axes[row][col].set_xlabel("sequence length (tokens)")
+            axes[row][col].legend()
+            axes[row][col].grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: qwen2-0.5b-1l (cpu), llama8b-4l (cuda)")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    p.add_argument("--modes", nargs="+", default=["trl", "ours"], choices=["trl", "ours", "ours_sp2"])
+    p.add_argument("--tile-tokens", type=int, default=None,
+                   help="tokens per tiled-MLP tile and per tiled-loss chunk; default: the hidden size (ALST's rule)")
+    p.add_argument("--cap-gb", type=float, default=None, help="memory cap for the longest-sequence estimate")
+    p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
+    p.add_argument("--out", default="benchmarks/longctx")
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the summary and plot of an existing --out JSON (e.g. for another --cap-gb)")
+    a = p.parse_args()
+    if a.child:
+        spec = json.loads(a.child)
+        result = child(spec)
+        print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    from pipeline.tiny import TinyModelSpec, train_tokenizer
+
+    preset = a.preset or ("llama8b-4l" if a.device == "cuda" else "qwen2-0.5b-1l")
+    cap = a.cap_gb or (80.0 if a.device == "cuda" else 4.0)
+    tile = a.tile_tokens or PRESETS[preset]["hidden_size"]
+    out = Path(a.out)
+    start = time.time()
+    if a.resummarize:
+        previous = json.loads(out.with_suffix(".json").read_text())
+        results, meta = previous["results"], previous["meta"]
+        a.stages = sorted({r["stage"] for r in results}, reverse=True)
+        a.modes = [m for m in ("trl", "ours", "ours_sp2") if any(r["mode"] == m for r in results)]
+        write(out, meta | {"cap_gb": cap}, results, a.stages, a.modes, cap)
+        print(json.dumps(json.loads(out.with_suffix(".json").read_text())["summary"], indent=1))
+        return
+    tok_dir = tempfile.mkdtemp(prefix="bench_longctx_tok_")
+    train_tokenizer(TinyModelSpec(vocab_size=400, max_position_embeddings=1 << 20)).save_pretrained(tok_dir)
+    results = []
+    for stage in a.stages:
+        for mode in a.modes:
+            for length in a.lengths:
+                spec = dict(stage=stage, mode=mode, length=length, device=a.device, preset=preset, tile_tokens=tile,
+                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1)
+                r = run_config(spec, a.timeout)
+                r.pop("tokenizer", None)
+                results.append(r)
+                print(json.dumps(r), flush=True)
+                meta = dict(command=" ".join(["python"] + sys.argv), device=a.device, preset=preset,
+                            geometry=PRESETS[preset], tile_tokens=tile, cap_gb=cap, total_s=round(time.time() - start),
+                            versions=versions(),
+                            memory="peak RSS of the child process" if a.device == "cpu"
+                            else "torch.cuda.max_memory_allocated")
+                write(out, meta, results, a.stages, a.modes, cap)  # after every configuration: partial runs count
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    return dict(torch=torch.__version__, transformers=transformers.__version__, trl=trl.__version__)
+
+
+def write(out: Path, meta: dict, results: list[dict], stages, modes, cap: float) -> None:
+    from pipeline.io import atomic_write_json
+
+    summary = {}
+    for stage in stages:
+        for mode in modes:
+            pts = [(r["length"], r["peak_gb"]) for r in results
+                   if r["stage"] == stage and r["mode"] == mode and "error" not in r]
+            summary[f"{stage}/{mode}"] = {"max_length_under_cap_fit": fit_max_length(pts, cap)}
+        base = {r["length"]: r for r in results if r["stage"] == stage and r["mode"] == "trl" and "error" not in r}
+        for r in results:
+            if r["stage"] == stage and r["mode"] != "trl" and "error" not in r and r["length"] in base:
+                b = base[r["length"]]
+                r["peak_ratio_vs_trl"] = round(r["peak_gb"] / b["peak_gb"], 3)
+                r["step_time_ratio_vs_trl"] = round(r["step_s"] / b["step_s"], 3)
+        trl_max = summary.get(f"{stage}/trl", {}).get("max_length_under_cap_fit")
+        for mode in modes:
+            ours_max = summary[f"{stage}/{mode}"]["max_length_under_cap_fit"]
+            if mode != "trl" and trl_max and ours_max:
+                summary[f"{stage}/{mode}"]["max_length_ratio_vs_trl"] = round(ours_max / trl_max, 2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out.with_suffix(".json"), {"meta": meta, "summary": summary, "results": results})
+    try:
+        plot(results, out, cap)
+    except ImportError:  # e.g. a GPU box without matplotlib: re-plot later with --resummarize
+        pass
+
+
+if __name__ == "__main__":
+    main()
