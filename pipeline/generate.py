@@ -94,6 +94,7 @@ class Query:
 def load_queries(args: GenerateArguments) -> list[Query]:
     queries = [Query(e.id, e.question, e) for t in args.tasks
                for e in make_split(get_task(t), "train", args.n_per_task, args.seed, args.difficulty)]
+    seen = {q.id for q in queries}
     if args.queries_file:
         path = Path(args.queries_file)
         if not path.is_file():
@@ -113,6 +114,9 @@ def load_queries(args: GenerateArguments) -> list[Query]:
                     raise RecipeError(f"{path}: line {n}: 'task' must be one of {', '.join(TASKS)} and come with 'answer'")
                 example = Example(row["task"], row["question"], str(row["answer"]), tuple(row.get("steps") or ()))
             qid = str(row.get("id") or (example.id if example else Example("", row["question"], "").id))
+            if row.get("id") is not None and qid in seen:  # without an id, a repeated question is a duplicate (dropped below)
+                raise RecipeError(f"{path}: line {n}: duplicate id '{qid}'")
+            seen.add(qid)
             queries.append(Query(qid, row["question"], example))
     return queries
 
