@@ -89,7 +89,7 @@ def train(args) -> None:
         tokens += int((labels != -100).sum())
         if step in eval_at:
             m = evaluate(model, tok, args.tasks.split(","), n=args.n_eval, max_new_tokens=128)
-            evals.append({"step": step, "train_seconds": round(train_s, 1), "loss": round(float(loss), 4),
+            evals.append({"step": step, "train_seconds": round(train_s, 1), "loss": round(loss.item(), 4),
                           "assistant_tokens": tokens, **{k: round(v, 4) for k, v in m.items()}})
             print(json.dumps({"style": args.style, "seed": args.seed, **evals[-1]}), flush=True)
             model.train()
