@@ -58,7 +58,7 @@ Done = Callable[[Request, str], None]
 def render(example: Example, style: str) -> str:
     """The example's solution in `style`; every style ends with the `Answer:` line the verifiers read."""
     answer = f"{ANSWER_PREFIX} {example.answer}"
-    if style == "concise":
+    if style == "concise" or not example.steps:  # a query from a file may come without worked steps
         return answer
     steps = "\n".join(example.steps)
     if style == "steps":
