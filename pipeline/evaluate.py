@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64,
-                     max_new_tokens: int = 64, **generate_kwargs) -> list[str]:
+                     max_new_tokens: int = 128, **generate_kwargs) -> list[str]:
     """Replies to chat `conversations` (greedy unless `generate_kwargs` say otherwise), batched with left
     padding, returned in the input order."""
     import torch
@@ -50,7 +50,7 @@ def generate_replies(model, tokenizer, conversations: list[list[dict]], batch_si
 
 
 def score(model, tokenizer, examples: list[Example], system_prompt: str | None = None, batch_size: int = 64,
-          max_new_tokens: int = 64) -> list[dict]:
+          max_new_tokens: int = 128) -> list[dict]:
     """One row per example: the question, the model's reply, the reference answer and whether it verified."""
     replies = generate_replies(model, tokenizer, [to_prompt(e, system_prompt) for e in examples],
                                batch_size, max_new_tokens)
@@ -73,7 +73,7 @@ def held_out(tasks: list[str | Task], n: int, split: str = "test", difficulty: i
 
 
 def evaluate(model, tokenizer, tasks: list[str | Task], n: int, split: str = "test", difficulty: int = 1,
-             system_prompt: str | None = None, batch_size: int = 64, max_new_tokens: int = 64,
+             system_prompt: str | None = None, batch_size: int = 64, max_new_tokens: int = 128,
              seed: int = 0) -> dict[str, float]:
     """Accuracy of greedy replies on `n` held-out examples per task: {"accuracy/add": .., "accuracy/mean": ..}."""
     rows = score(model, tokenizer, held_out(tasks, n, split, difficulty, seed), system_prompt, batch_size,
@@ -92,7 +92,7 @@ class EvalArguments:
     difficulty: int = 1
     system_prompt: str | None = dataclasses.field(default=None, metadata={"help": "Prepended as a system message."})
     batch_size: int = 64
-    max_new_tokens: int = 64
+    max_new_tokens: int = 128
     seed: int = 0
     stage: str = dataclasses.field(default="evaluate", metadata={"help": "Stage name in stage_result.json."})
 

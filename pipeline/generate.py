@@ -94,6 +94,7 @@ class Query:
 def load_queries(args: GenerateArguments) -> list[Query]:
     queries = [Query(e.id, e.question, e) for t in args.tasks
                for e in make_split(get_task(t), "train", args.n_per_task, args.seed, args.difficulty)]
+    seen = {q.id for q in queries}
     if args.queries_file:
         path = Path(args.queries_file)
         if not path.is_file():
@@ -113,6 +114,10 @@ def load_queries(args: GenerateArguments) -> list[Query]:
                     raise RecipeError(f"{path}: line {n}: 'task' must be one of {', '.join(TASKS)} and come with 'answer'")
                 example = Example(row["task"], row["question"], str(row["answer"]), tuple(row.get("steps") or ()))
             qid = str(row.get("id") or (example.id if example else Example("", row["question"], "").id))
+            # Without an explicit id, a repeated question is a duplicate query (dropped by dedup below).
+            if row.get("id") is not None and qid in seen:
+                raise RecipeError(f"{path}: line {n}: duplicate id '{qid}'")
+            seen.add(qid)
             queries.append(Query(qid, row["question"], example))
     return queries
 
@@ -149,7 +154,8 @@ def clean_queries(queries: list[Query], args: GenerateArguments) -> tuple[list[Q
     # Task-world eval splits are fixed by content hash: a query from them is contaminated by definition.
     held_out = [q.example is not None and split_of(q.example.id) != "train" for q in queries]
     against = eval_texts(args.decontaminate_against)
-    listed = contaminated([q.question for q in queries], against, min(args.dedup_threshold, 1.0)) if against else [False] * len(queries)
+    listed = ([False] * len(queries) if not against
+              else contaminated([q.question for q in queries], against, min(args.dedup_threshold, 1.0)))
     clean = [q for q, a, b in zip(queries, held_out, listed) if not (a or b)]
     stats = {"queries_exact_duplicates": n_exact, "queries_near_duplicates": n_near,
              "queries_contaminated": len(queries) - len(clean)}

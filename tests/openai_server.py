@@ -6,7 +6,8 @@
 
 `reply(body) -> str` scripts the assistant text from the request JSON (default: echoes the last user
 message). Each request draws at most one fault: HTTP 429 (with Retry-After: 0), HTTP 500, a hang of
-`hang_s` (the client's timeout fires), or a 200 whose JSON is cut in half. Counters in `server.stats`.
+`hang_s` (the client's timeout fires), or a 200 whose JSON is cut in half. Counters in `server.stats`;
+request bodies and headers in `server.bodies` / `server.headers_seen` (unless record=False).
 It runs an aiohttp server on its own event loop in a daemon thread, bound to 127.0.0.1 port 0 (a free port).
 
 As a separate process (benchmarks, so client and server do not share one interpreter):
@@ -37,13 +38,13 @@ def echo_reply(body: dict) -> str:
 class OpenAIServer:
     def __init__(self, reply: Callable[[dict], str] = echo_reply, faults: dict[str, float] | None = None,
                  latency_s: float = 0.0, hang_s: float = 5.0, api_key: str | None = None, seed: int = 0,
-                 port: int = 0):
+                 port: int = 0, record: bool = True):
         faults = dict(faults or {})
         unknown = set(faults) - set(FAULTS)
         if unknown or sum(faults.values()) > 1:
             raise ValueError(f"faults: keys from {FAULTS}, rates summing to <= 1; got {faults}")
         self.reply, self.faults, self.latency_s, self.hang_s = reply, faults, latency_s, hang_s
-        self.api_key, self.port = api_key, port
+        self.api_key, self.port, self.record = api_key, port, record
         self._rng = random.Random(seed)
         self.stats: collections.Counter = collections.Counter()
         self.bodies: list[dict] = []  # every request body that reached the server (successful or not)
@@ -66,7 +67,8 @@ class OpenAIServer:
 
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         self.stats["requests"] += 1
-        self.headers_seen.append(dict(request.headers))
+        if self.record:
+            self.headers_seen.append(dict(request.headers))
         if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
             self.stats["unauthorized"] += 1
             return web.json_response({"error": {"message": "invalid api key"}}, status=401)
@@ -75,7 +77,8 @@ class OpenAIServer:
         except json.JSONDecodeError:
             self.stats["bad_request"] += 1
             return web.json_response({"error": {"message": "body is not JSON"}}, status=400)
-        self.bodies.append(body)
+        if self.record:
+            self.bodies.append(body)
         if self.latency_s:
             await asyncio.sleep(self.latency_s)
         fault = self._draw_fault()
@@ -152,7 +155,7 @@ if __name__ == "__main__":
     for kind in FAULTS:
         ap.add_argument(f"--fault_{kind}", type=float, default=0.0)
     a = ap.parse_args()
-    server = OpenAIServer(latency_s=a.latency_s, port=a.port,
+    server = OpenAIServer(latency_s=a.latency_s, port=a.port, record=False,
                           faults={k: getattr(a, f"fault_{k}") for k in FAULTS if getattr(a, f"fault_{k}")})
     server.start()
     print(server.base_url, flush=True)

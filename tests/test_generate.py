@@ -120,6 +120,10 @@ def test_bad_library_and_recipe_errors(tmp_path):
         _run(tmp_path, tasks=["add"], teachers=[{"type": "openai", "base_url": "http://x", "model": "m", "api_key": "k"}])
     with pytest.raises(RecipeError, match="unknown task 'ad'"):
         _run(tmp_path, tasks=["ad"])
+    dup = tmp_path / "q.jsonl"
+    dup.write_text('{"question": "a?", "id": "x"}\n{"question": "b?", "id": "x"}\n')
+    with pytest.raises(RecipeError, match=r"q.jsonl: line 2: duplicate id 'x'"):
+        _run(tmp_path, queries_file=str(dup), scoring="judge", judge={"type": "oracle"})
     with pytest.raises(RecipeError, match="MISSING_KEY_ENV"):
         _run(tmp_path, tasks=["add"], n_per_task=2, teachers=[{"type": "openai", "base_url": "http://127.0.0.1:9/v1",
                                                                 "model": "m", "api_key_env": "MISSING_KEY_ENV"}])

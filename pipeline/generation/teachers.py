@@ -58,7 +58,7 @@ Done = Callable[[Request, str], None]
 def render(example: Example, style: str) -> str:
     """The example's solution in `style`; every style ends with the `Answer:` line the verifiers read."""
     answer = f"{ANSWER_PREFIX} {example.answer}"
-    if style == "concise":
+    if style == "concise" or not example.steps:  # a query from a file may come without worked steps
         return answer
     steps = "\n".join(example.steps)
     if style == "steps":
@@ -168,7 +168,8 @@ class OpenAITeacher:
                     body = await resp.text()
                     if resp.status == 429 or resp.status >= 500:
                         ra = resp.headers.get("Retry-After")
-                        raise _Retryable(f"HTTP {resp.status}", float(ra) if ra and ra.replace(".", "").isdigit() else None)
+                        wait = float(ra) if ra and ra.replace(".", "").isdigit() else None
+                        raise _Retryable(f"HTTP {resp.status}", wait)
                     if resp.status >= 400:  # a bad request will not get better by retrying
                         raise TeacherError(scrub(f"teacher '{self.name}': HTTP {resp.status}: {body[:200]}"))
                     content = json.loads(body)["choices"][0]["message"]["content"]
@@ -185,7 +186,8 @@ class OpenAITeacher:
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + 0.5 * rng.random())
                 await asyncio.sleep(max(delay, retry_after or 0.0))
         raise TeacherError(scrub(f"teacher '{self.name}': request {request.key[:12]} failed after "
-                                 f"{self.max_retries + 1} attempts (last: {last}); finished replies are cached, rerun to resume"))
+                                 f"{self.max_retries + 1} attempts (last: {last}); "
+                                 "finished replies are cached, rerun to resume"))
 
     async def complete(self, requests: list[Request], done: Done) -> None:
         import aiohttp
@@ -205,12 +207,14 @@ class OpenAITeacher:
                     text = await self._post(session, r, headers, scrub)
                 done(r, text)
 
+            tasks = [asyncio.ensure_future(one(r)) for r in requests]
             try:
-                async with asyncio.TaskGroup() as group:  # the first hard failure cancels the rest
-                    for r in requests:
-                        group.create_task(one(r))
-            except ExceptionGroup as eg:
-                raise eg.exceptions[0] from None
+                await asyncio.gather(*tasks)
+            except BaseException:  # the first hard failure cancels the rest (their finished replies are cached)
+                for t in tasks:
+                    t.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,7 +327,8 @@ class RequestCache:
                     self.replies[row["key"]] = row["reply"]
                 except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                     if n < len(lines) - 1:  # only the last line can be torn: anything else is damage
-                        raise RecipeError(f"{self.path}: line {n} is not a cache record; delete the file to start over") from None
+                        raise RecipeError(f"{self.path}: line {n} is not a cache record; "
+                                          "delete the file to start over") from None
                     break
                 good += len(line) + 1
             if good < len(data):
