@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from pipeline.config import RecipeError, cli, parse  # noqa: E402
 from pipeline.io import atomic_write_json  # noqa: E402
+from pipeline.tasks.base import ANSWER_PREFIX  # noqa: E402
 from pipeline.tasks.needle import KVHaystack, Passkey, prompt_of  # noqa: E402
 from pipeline.tiny import TinyModelSpec, build_tiny_model  # noqa: E402
 
@@ -53,7 +55,7 @@ class TrainArgs:
         default=6144, metadata={"help": "Long stages shrink the batch to keep the tokens per step bounded."})
     lr: float = 2e-3
     warmup_steps: int = 50
-    kv_haystack_fraction: float = 0.3
+    kv_haystack_fraction: float = 0.5
     max_minutes: float = 30.0
     save_every: int = 100
     seed: int = 0
@@ -92,6 +94,20 @@ def encode(tok, example, with_answer: bool = True) -> tuple[list[int], list[int]
     return prompt + ans, [-100] * len(prompt) + ans
 
 
+def encode_all_keys(tok, example, rng: random.Random) -> tuple[list[int], list[int]]:
+    """kv_haystack row that asks for every key in turn (the first question is the task's own prompt), so one
+    haystack carries n_pairs retrievals of training signal instead of one."""
+    ids, labels = encode(tok, example)
+    context = example.question.rsplit("\n", 1)[0]
+    facts = [f for f in re.findall(r"The code for (\w+) is (\d+)\.", context) if f[1] != example.answer]
+    rng.shuffle(facts)
+    for key, value in facts:
+        q = tok(f"\nWhat is the code for {key}?\n{ANSWER_PREFIX}", add_special_tokens=False)["input_ids"]
+        a = tok(" " + value, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, labels = ids + q + a, labels + [-100] * len(q) + a
+    return ids, labels
+
+
 class Sampler:
     """Examples whose prompt fits `max_tokens`, lengths spread over [64, max_tokens]."""
 
@@ -107,8 +123,8 @@ class Sampler:
         task = self.kv if self.rng.random() < self.kv_fraction else self.passkey
         while True:
             ex = task.make(self.rng, n_words, self.rng.random())
-            ids, labels = encode(self.tok, ex)
-            if len(ids) <= max_tokens + 8:
+            ids, labels = encode_all_keys(self.tok, ex, self.rng) if task is self.kv else encode(self.tok, ex)
+            if len(ids) <= max_tokens + 40:
                 return ids, labels
             n_words = int(n_words * 0.9)
 
