@@ -120,7 +120,9 @@ class Sampler:
     def example(self, max_tokens: int):
         target = self.rng.randint(64, max_tokens)
         n_words = max(8, int((target - 30) / self.tokens_per_word))
-        task = self.kv if self.rng.random() < self.kv_fraction else self.passkey
+        # Passkeys of 5-24 digits: every digit after the first is an induction (copy-next) target, so long
+        # keys give many retrieval labels per row; eval uses the task's 5-digit keys.
+        task = self.kv if self.rng.random() < self.kv_fraction else Passkey(key_digits=self.rng.randint(5, 24))
         while True:
             ex = task.make(self.rng, n_words, self.rng.random())
             ids, labels = encode_all_keys(self.tok, ex, self.rng) if task is self.kv else encode(self.tok, ex)

@@ -181,3 +181,9 @@ def test_needle_tasks(task):
     late = task.make(random.Random(1), 200, 1.0)
     assert early.question.index(early.answer) < 40 < late.question.index(late.answer)
     assert prompt_of(early).endswith("\nAnswer:")
+
+
+def test_cache_without_headwise_attention_fails_clearly():
+    model = _model()
+    with pytest.raises(TypeError, match="use_headwise_attention"):
+        model(torch.randint(3, 64, (1, 8)), past_key_values=HeadKVCache(model.config, [[0], [1]], 1, 2))

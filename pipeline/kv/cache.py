@@ -18,6 +18,7 @@ Prefill (the prompt's forward pass) has two modes:
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
@@ -40,6 +41,11 @@ class HeadwiseKV(NamedTuple):
     sink: int
     window: int
     local: bool  # streaming heads restricted to sink + window for every query (not only after eviction)
+
+    @property
+    def shape(self):  # reached only when another attention function gets these keys
+        raise TypeError(f"HeadKVCache needs the '{ATTN_NAME}' attention: call "
+                        "pipeline.kv.cache.use_headwise_attention(model) first")
 
 
 class HeadKVLayer(CacheLayerMixin):
@@ -100,10 +106,12 @@ class HeadKVLayer(CacheLayerMixin):
         if take > 0:
             self.sink_k = torch.cat([self.sink_k, new_sk[..., :take, :]], dim=-2)
             self.sink_v = torch.cat([self.sink_v, new_sv[..., :take, :]], dim=-2)
-        self.recent_k = torch.cat([self.recent_k, new_sk[..., max(take, 0):, :]], dim=-2)[..., -self.window:, :]
-        self.recent_v = torch.cat([self.recent_v, new_sv[..., max(take, 0):, :]], dim=-2)[..., -self.window:, :]
-        # Copies, so the stored windows never pin the larger tensors they were sliced from.
-        self.recent_k, self.recent_v = self.recent_k.contiguous().clone(), self.recent_v.contiguous().clone()
+        # `cat` copies, so the stored window is a fresh tensor of at most `window` positions: it never pins
+        # the prompt-sized tensors it was cut from.
+        rest = q - max(take, 0)
+        old_keep = max(0, min(n_rec, self.window - rest))
+        self.recent_k = torch.cat([self.recent_k[..., n_rec - old_keep:, :], new_sk[..., q - min(rest, self.window):, :]], -2)
+        self.recent_v = torch.cat([self.recent_v[..., n_rec - old_keep:, :], new_sv[..., q - min(rest, self.window):, :]], -2)
 
         kv = HeadwiseKV(self.full_k, self.full_v, att_k, att_v, pos, self.full_heads, self.stream_heads,
                         self.sink, self.window, self.local)
@@ -200,7 +208,8 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2).contiguous(), None
 
 
-def _query_heads(kv_heads, groups: int, device) -> torch.Tensor:
+@functools.lru_cache(maxsize=256)
+def _query_heads(kv_heads: tuple[int, ...], groups: int, device) -> torch.Tensor:
     return torch.tensor([h * groups + g for h in kv_heads for g in range(groups)], device=device)
 
 
