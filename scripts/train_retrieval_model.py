@@ -1,7 +1,7 @@
 """Train the tiny retrieval model (4-layer, 8-head Llama) from scratch on `passkey` + `kv_haystack`.
 
-Curriculum on context length: each stage samples prompt lengths up to its cap (128 -> 256 -> 512 ->
-1024 tokens) and moves on once the teacher-forced answer accuracy over the last 20 batches reaches
+Curriculum on context length: each stage samples prompt lengths up to its cap (48 -> 128 -> 256 ->
+512 -> 1024 tokens) and moves on once the teacher-forced answer accuracy over the last 20 batches reaches
 `advance_at` (or its step cap is spent). Loss only on the answer tokens (+ eos), whose labels sit at
 the target positions (HF shifts them). Checkpoints every `save_every` steps and resumes from them.
 
@@ -47,15 +47,16 @@ class TrainArgs:
     num_key_value_heads: int = 8
     intermediate_size: int = 256
     vocab_size: int = 400
-    stages: str = dataclasses.field(default="128:400,256:400,512:400,1024:600",
+    stages: str = dataclasses.field(default="48:800,128:600,256:800,512:600,1024:400",
                                     metadata={"help": "max_tokens:max_steps per curriculum stage"})
     advance_at: float = 0.9
-    batch_size: int = 16
+    batch_size: int = 64
     tokens_per_batch: int = dataclasses.field(
         default=6144, metadata={"help": "Long stages shrink the batch to keep the tokens per step bounded."})
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_steps: int = 50
-    kv_haystack_fraction: float = 0.5
+    kv_haystack_fraction: float = 0.2
+    lm_weight: float = 0.5
     max_minutes: float = 30.0
     save_every: int = 100
     seed: int = 0
@@ -63,10 +64,10 @@ class TrainArgs:
     def stage_list(self) -> list[tuple[int, int]]:
         try:
             out = [tuple(int(x) for x in s.split(":")) for s in self.stages.split(",")]
-            assert all(len(s) == 2 and s[0] >= 64 and s[1] > 0 for s in out)
+            assert all(len(s) == 2 and s[0] >= 32 and s[1] > 0 for s in out)
             return out
         except (ValueError, AssertionError):
-            raise RecipeError(f"key 'stages': expected 'tokens:steps,...' (tokens >= 64), got {self.stages!r}") from None
+            raise RecipeError(f"key 'stages': expected 'tokens:steps,...' (tokens >= 32), got {self.stages!r}") from None
 
 
 def build_base(args: TrainArgs) -> Path:
@@ -109,7 +110,7 @@ def encode_all_keys(tok, example, rng: random.Random) -> tuple[list[int], list[i
 
 
 class Sampler:
-    """Examples whose prompt fits `max_tokens`, lengths spread over [64, max_tokens]."""
+    """Examples whose prompt fits `max_tokens`, lengths spread over [min(64, max_tokens / 2), max_tokens]."""
 
     def __init__(self, tok, seed: int, kv_fraction: float):
         self.tok, self.rng, self.kv_fraction = tok, random.Random(seed), kv_fraction
@@ -118,16 +119,21 @@ class Sampler:
         self.tokens_per_word = len(encode(tok, probe)[0]) / 400
 
     def example(self, max_tokens: int):
-        target = self.rng.randint(64, max_tokens)
+        target = self.rng.randint(min(64, max_tokens // 2), max_tokens)
         n_words = max(8, int((target - 30) / self.tokens_per_word))
-        # Passkeys of 5-24 digits: every digit after the first is an induction (copy-next) target, so long
-        # keys give many retrieval labels per row; eval uses the task's 5-digit keys.
-        task = self.kv if self.rng.random() < self.kv_fraction else Passkey(key_digits=self.rng.randint(5, 24))
+        # Passkeys of 5-10 distinct digits: every answer digit is a copy-next (induction) target with one
+        # source, so longer keys give more retrieval labels per row; eval uses the task's 5-digit keys.
+        # Half the rows use a repetitive haystack and add an LM loss on it: every repeated sentence is an
+        # induction target for word tokens, a dense signal that builds the copy circuit the answers need.
+        lm = self.rng.random() < 0.5
+        pool = self.rng.randint(3, 8) if lm else 0
+        long_key = Passkey(key_digits=self.rng.randint(5, 10), filler_pool=pool)
+        task = KVHaystack(filler_pool=pool) if self.rng.random() < self.kv_fraction else long_key
         while True:
             ex = task.make(self.rng, n_words, self.rng.random())
-            ids, labels = encode_all_keys(self.tok, ex, self.rng) if task is self.kv else encode(self.tok, ex)
-            if len(ids) <= max_tokens + 40:
-                return ids, labels
+            ids, labels = encode_all_keys(self.tok, ex, self.rng) if isinstance(task, KVHaystack) else encode(self.tok, ex)
+            if len(ids) <= max_tokens + 40 or n_words <= 4:  # short stages: the needles alone may not fit
+                return ids, labels, lm
             n_words = int(n_words * 0.9)
 
     def batch(self, max_tokens: int, batch_size: int, pad_id: int):
@@ -136,9 +142,19 @@ class Sampler:
         ids = torch.full((batch_size, width), pad_id)
         labels = torch.full((batch_size, width), -100)
         mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for i, (x, y) in enumerate(rows):
+        lm_mask = torch.zeros((batch_size, width), dtype=torch.bool)
+        for i, (x, y, lm) in enumerate(rows):
             ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-        return ids, mask, labels
+            lm_mask[i, :len(x)] = lm
+        return ids, mask, labels, lm_mask
+
+
+def loss_fn(logits, ids, labels, lm_mask, lm_weight: float):
+    """Answer-token CE (labels at target positions, shifted here) + `lm_weight` x LM CE on repetitive rows."""
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(),
+                                           reduction="none").view(ids.shape[0], -1)
+    ans, lm = (labels[:, 1:] != -100).float(), (lm_mask[:, 1:] & (labels[:, 1:] == -100)).float()
+    return (ce * ans).sum() / ans.sum() + lm_weight * (ce * lm).sum() / lm.sum().clamp(min=1)
 
 
 def answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -183,8 +199,9 @@ def main(argv=None):
     while state["stage"] < len(stages) and time.time() - t0 < args.max_minutes * 60:
         max_tokens, max_steps = stages[state["stage"]]
         bs = max(2, min(args.batch_size, args.tokens_per_batch // max_tokens))
-        ids, mask, labels = sampler.batch(max_tokens, bs, tok.pad_token_id)
-        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        ids, mask, labels, lm_mask = sampler.batch(max_tokens, bs, tok.pad_token_id)
+        out = model(input_ids=ids, attention_mask=mask)
+        out.loss = loss_fn(out.logits, ids, labels, lm_mask & mask.bool(), args.lm_weight)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)

@@ -26,14 +26,17 @@ FILLER_WORDS = tuple(
 _CONS, _VOWELS = "bdgklmnprstvz", "aeiou"
 
 
-def filler(rng: random.Random, n_words: int) -> list[str]:
-    """`n_words` words as sentences of 4-9 words, each ending with '.'."""
+def filler(rng: random.Random, n_words: int, pool: int = 0) -> list[str]:
+    """About `n_words` words as sentences of 4-9 words, each ending with '.'. With `pool` > 0 the sentences
+    are drawn from `pool` fixed ones (a repetitive haystack, like the classic "The grass is green. The sky
+    is blue." passkey filler)."""
+    def sentence():
+        return " ".join(rng.choice(FILLER_WORDS) for _ in range(rng.randint(4, 9))) + "."
+    fixed = [sentence() for _ in range(pool)]
     sentences, left = [], n_words
     while left > 0:
-        k = min(left, rng.randint(4, 9))
-        words = [rng.choice(FILLER_WORDS) for _ in range(k)]
-        sentences.append(" ".join(words) + ".")
-        left -= k
+        sentences.append(rng.choice(fixed) if pool else sentence())
+        left -= sentences[-1].count(" ") + 1
     return sentences
 
 
@@ -46,7 +49,12 @@ def insert_at_depth(sentences: list[str], needles: list[tuple[float, str]]) -> s
 
 
 def digits(rng: random.Random, n: int) -> str:
-    return "".join(rng.choice("0123456789") for _ in range(n))
+    """`n` distinct digits (n <= 10): each digit occurs once in the needle, so every copy step has exactly
+    one source position (the first digit follows the only standalone space token, the rest follow the
+    digit before them)."""
+    if not 1 <= n <= 10:
+        raise ValueError(f"a key has 1-10 distinct digits, got {n}")
+    return "".join(rng.sample("0123456789", n))
 
 
 def haystack_words(difficulty: int) -> int:
@@ -61,11 +69,12 @@ class Passkey(Task):
     name: str = "passkey"
     description: str = "Find a numeric passkey hidden in long filler text."
     key_digits: int = 5
+    filler_pool: int = 0
 
     def make(self, rng: random.Random, n_words: int, depth: float, key: str | None = None) -> Example:
         key = key or digits(rng, self.key_digits)
         needle = f"The passkey is {key}. Remember it."
-        text = insert_at_depth(filler(rng, n_words), [(depth, needle)])
+        text = insert_at_depth(filler(rng, n_words, self.filler_pool), [(depth, needle)])
         question = f"{text}\nWhat is the passkey?"
         return Example(task=self.name, question=question, answer=key,
                        steps=(f"The context says: {needle}",), difficulty=max(1, (n_words // 48).bit_length()))
@@ -80,6 +89,7 @@ class KVHaystack(Task):
     description: str = "Several key -> code facts hidden in filler text; return the code of the asked key."
     n_pairs: int = 4
     value_digits: int = 4
+    filler_pool: int = 0
 
     def make(self, rng: random.Random, n_words: int, depth: float | None = None) -> Example:
         """`depth` places the asked pair; the distractor pairs go to random depths."""
@@ -94,7 +104,7 @@ class KVHaystack(Task):
         if depth is not None:
             depths[asked] = depth
         facts = [f"The code for {k} is {v}." for k, v in zip(keys, values)]
-        text = insert_at_depth(filler(rng, n_words), list(zip(depths, facts)))
+        text = insert_at_depth(filler(rng, n_words, self.filler_pool), list(zip(depths, facts)))
         question = f"{text}\nWhat is the code for {keys[asked]}?"
         return Example(task=self.name, question=question, answer=values[asked],
                        steps=(f"The context says: {facts[asked]}",), difficulty=max(1, (n_words // 48).bit_length()))
