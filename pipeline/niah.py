@@ -34,6 +34,7 @@ class NiahArguments:
     window: int = 32
     prefill: str = dataclasses.field(default="full", metadata={"help": "'full' (attend, then evict) or 'local'."})
     task: str = "passkey"
+    key_digits: int = dataclasses.field(default=5, metadata={"help": "Passkey length (distinct digits, 1-10)."})
     lengths: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
     depths: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 0.9])
     n_per_cell: int = 8
@@ -48,6 +49,8 @@ class NiahArguments:
             raise ValueError(f"key 'prefill' must be 'full' or 'local', got {self.prefill!r}")
         if self.task not in ("passkey", "kv_haystack"):
             raise ValueError(f"key 'task' must be 'passkey' or 'kv_haystack', got {self.task!r}")
+        if not 1 <= self.key_digits <= 10:
+            raise ValueError(f"key 'key_digits' must be in [1, 10], got {self.key_digits}")
         if not self.lengths or min(self.lengths) < 64:
             raise ValueError("key 'lengths' must list context lengths >= 64 tokens")
         if not self.depths or not all(0 <= d <= 1 for d in self.depths):
@@ -99,7 +102,8 @@ def main(argv=None):
     t0 = time.time()
     results, metrics = {}, {}
     for name, make in policies.items():
-        grid = niah_grid(model, tok, args.lengths, args.depths, args.n_per_cell, make, args.task, args.seed)
+        grid = niah_grid(model, tok, args.lengths, args.depths, args.n_per_cell, make, args.task, args.seed,
+                         args.key_digits)
         acc = sum(map(sum, grid)) / (len(args.lengths) * len(args.depths))
         results[name] = {"grid": grid, "accuracy": acc}
         metrics[f"niah_acc/{name}"] = round(acc, 4)

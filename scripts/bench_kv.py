@@ -16,8 +16,10 @@ Writes benchmarks/kv.json and benchmarks/kv.png. Every accuracy is the mean over
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
+import random
 import statistics
 import sys
 import time
@@ -37,7 +39,7 @@ from pipeline.kv.detect import (heads_by_layer, load_registry, masked_heads, plo
 from pipeline.kv.evaluate import (flenqa_curve, generate_answers, niah_examples, niah_grid,  # noqa: E402
                                   words_for_tokens)
 from pipeline.kv.gate import optimise_gates  # noqa: E402
-from pipeline.tasks.needle import KVHaystack, Passkey, prompt_of  # noqa: E402
+from pipeline.tasks.needle import Passkey, prompt_of  # noqa: E402
 
 logger = logging.getLogger("bench_kv")
 
@@ -67,26 +69,28 @@ class BenchArgs:
     flenqa_pads: list[int] = dataclasses.field(default_factory=lambda: [0, 128, 256, 512, 896])
     flenqa_n: int = 16
     reuse_registries: bool = False
+    key_digits: int = 5
 
 
-def accuracy(model, tok, length, n, seeds, make_cache=None, task="passkey", depth=None):
+def accuracy(model, tok, length, n, seeds, make_cache=None, task="passkey", depth=None, key_digits=5):
     """Mean and per-seed accuracy at `length` tokens; depths spread evenly over [0, 1] unless given."""
     per_seed = []
     for s in range(seeds):
         depths = [depth] if depth is not None else [i / 7 for i in range(8)]
-        exs = [e for d in depths for e in niah_examples(tok, task, length, d, max(1, n // len(depths)), 1000 + s)]
+        exs = [e for d in depths for e in niah_examples(tok, task, length, d, max(1, n // len(depths)), 1000 + s,
+                                                        key_digits)]
         per_seed.append(sum(generate_answers(model, tok, exs, make_cache)) / len(exs))
     return {"mean": statistics.mean(per_seed), "per_seed": per_seed,
             "std": statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0}
 
 
-def gate_batches(tok, length, n_batches=8, batch_size=4, seed=0):
+def gate_batches(tok, length, n_batches=8, batch_size=4, seed=0, key_digits=5):
     import random
     rng = random.Random(f"gate/{seed}")
     words = words_for_tokens(tok, length)
     batches = []
     for b in range(n_batches):
-        task = Passkey() if b % 2 == 0 else KVHaystack()
+        task = Passkey(key_digits=key_digits)
         texts = [prompt_of(ex) + " " + ex.answer for ex in (task.make(rng, words, rng.random()) for _ in range(batch_size))]
         tok.padding_side = "right"
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
@@ -144,7 +148,7 @@ def main(argv=None):
     if args.reuse_registries and wu_path.exists():
         wu = load_registry(wu_path, model)
     else:
-        exs = [Passkey().make(__import__("random").Random(f"detect/{n}/{d}/{i}"), words_for_tokens(tok, n), d)
+        exs = [Passkey(key_digits=args.key_digits).make(random.Random(f"detect/{n}/{d}/{i}"), words_for_tokens(tok, n), d)
                for n in args.detect_lengths for d in args.detect_depths for i in range(args.detect_per_cell)]
         t0 = time.time()
         res = wu_scores(model, tok, exs)
@@ -162,7 +166,7 @@ def main(argv=None):
         gate = load_registry(gate_path, model)
     else:
         t0 = time.time()
-        gates, log = optimise_gates(model, gate_batches(tok, args.eval_length), args.sink, args.window,
+        gates, log = optimise_gates(model, gate_batches(tok, args.eval_length, key_digits=args.key_digits), args.sink, args.window,
                                     steps=args.gate_steps, l1=args.gate_l1)
         use_headwise_attention(model)
         gate = save_registry(gate_path, model, "duo_gate", gates, {
@@ -175,8 +179,9 @@ def main(argv=None):
     logger.info("gate top-8 %s", rank["gate"][:8])
 
     T, n, S = args.eval_length, args.n_eval, args.seeds
-    base = accuracy(model, tok, T, n, S)
-    base_kv = accuracy(model, tok, T, n, S, task="kv_haystack")
+    acc = functools.partial(accuracy, key_digits=args.key_digits)
+    base = acc(model, tok, T, n, S)
+    base_kv = acc(model, tok, T, n, S, task="kv_haystack")
     result["full_cache"] = {"passkey": base, "kv_haystack": base_kv}
     logger.info("full cache @%d: passkey %.3f kv_haystack %.3f", T, base["mean"], base_kv["mean"])
 
@@ -186,12 +191,12 @@ def main(argv=None):
         row = {"k": k}
         for name in ("wu", "gate"):
             with masked_heads(model, query_heads_of(rank[name][:k], groups)):
-                row[f"top_{name}"] = accuracy(model, tok, T, n, S)
+                row[f"top_{name}"] = acc(model, tok, T, n, S)
         rand = []
         for s in range(S):
             heads = random_heads(L, H, k, seed=s, exclude=rank["wu"][:k])
             with masked_heads(model, query_heads_of(heads, groups)):
-                rand.append(accuracy(model, tok, T, n, 1)["mean"])
+                rand.append(acc(model, tok, T, n, 1)["mean"])
         row["random"] = {"mean": statistics.mean(rand), "per_seed": rand, "std": statistics.stdev(rand)}
         logger.info("ablation k=%d: top-wu %.3f top-gate %.3f random %.3f", k, row["top_wu"]["mean"],
                     row["top_gate"]["mean"], row["random"]["mean"])
@@ -209,10 +214,10 @@ def main(argv=None):
             ratio = expected_bytes(cfg, heads_by_layer(rank["wu"][:k], L), T, 1, args.sink, args.window) / \
                 expected_bytes(cfg, none, T, 1, 0, T)
             row = {"prefill": prefill, "k": k, "kv_bytes_ratio": ratio, "uniform_window": uw,
-                   "wu": accuracy(model, tok, T, n, S, cache_for(rank["wu"][:k])),
-                   "gate": accuracy(model, tok, T, n, S, cache_for(rank["gate"][:k])),
-                   "uniform": accuracy(model, tok, T, n, S, lambda: HeadKVCache(cfg, none, args.sink, uw, prefill))}
-            rand = [accuracy(model, tok, T, n, 1, cache_for(random_heads(L, H, k, seed=s)))["mean"] for s in range(S)]
+                   "wu": acc(model, tok, T, n, S, cache_for(rank["wu"][:k])),
+                   "gate": acc(model, tok, T, n, S, cache_for(rank["gate"][:k])),
+                   "uniform": acc(model, tok, T, n, S, lambda: HeadKVCache(cfg, none, args.sink, uw, prefill))}
+            rand = [acc(model, tok, T, n, 1, cache_for(random_heads(L, H, k, seed=s)))["mean"] for s in range(S)]
             row["random"] = {"mean": statistics.mean(rand), "per_seed": rand, "std": statistics.stdev(rand)}
             # measured bytes of one compressed cache after a real generate, against the formula
             ex = niah_examples(tok, "passkey", T, 0.5, 1, 5)[0]
@@ -258,9 +263,11 @@ def main(argv=None):
                 f"uniform w={uw}": lambda: HeadKVCache(cfg, none, args.sink, uw, "full")}
     result["niah_grid"] = {"lengths": args.grid_lengths, "depths": args.grid_depths, "n_per_cell": args.grid_n,
                            "k": k, "grids": {name: niah_grid(model, tok, args.grid_lengths, args.grid_depths,
-                                                             args.grid_n, make) for name, make in policies.items()}}
+                                                             args.grid_n, make, key_digits=args.key_digits)
+                                                   for name, make in policies.items()}}
     result["flenqa"] = {"pads": args.flenqa_pads, "n": args.flenqa_n, "curves": {
-        name: flenqa_curve(model, tok, args.flenqa_pads, ["start", "middle", "end"], args.flenqa_n, make)
+        name: flenqa_curve(model, tok, args.flenqa_pads, ["start", "middle", "end"], args.flenqa_n, make,
+                           key_digits=args.key_digits)
         for name, make in policies.items()}}
     result["seconds"] = round(time.time() - t_start, 1)
     atomic_write_json(args.out + ".json", result)

@@ -57,6 +57,8 @@ class TrainArgs:
     warmup_steps: int = 50
     kv_haystack_fraction: float = 0.2
     lm_weight: float = 0.5
+    one_digit_fraction: float = dataclasses.field(
+        default=0.0, metadata={"help": "Passkey rows with a 1-digit key (a pure content lookup, no copying)."})
     max_minutes: float = 30.0
     save_every: int = 100
     seed: int = 0
@@ -112,8 +114,9 @@ def encode_all_keys(tok, example, rng: random.Random) -> tuple[list[int], list[i
 class Sampler:
     """Examples whose prompt fits `max_tokens`, lengths spread over [min(64, max_tokens / 2), max_tokens]."""
 
-    def __init__(self, tok, seed: int, kv_fraction: float):
+    def __init__(self, tok, seed: int, kv_fraction: float, one_digit_fraction: float = 0.0):
         self.tok, self.rng, self.kv_fraction = tok, random.Random(seed), kv_fraction
+        self.one_digit_fraction = one_digit_fraction
         self.passkey, self.kv = Passkey(), KVHaystack()
         probe = self.passkey.make(random.Random(1), 400, 0.5)
         self.tokens_per_word = len(encode(tok, probe)[0]) / 400
@@ -127,7 +130,8 @@ class Sampler:
         # induction target for word tokens, a dense signal that builds the copy circuit the answers need.
         lm = self.rng.random() < 0.5
         pool = self.rng.randint(3, 8) if lm else 0
-        long_key = Passkey(key_digits=self.rng.randint(5, 10), filler_pool=pool)
+        n_digits = 1 if self.rng.random() < self.one_digit_fraction else self.rng.randint(2, 10)
+        long_key = Passkey(key_digits=n_digits, filler_pool=pool)
         task = KVHaystack(filler_pool=pool) if self.rng.random() < self.kv_fraction else long_key
         while True:
             ex = task.make(self.rng, n_words, self.rng.random())
@@ -182,8 +186,9 @@ def main(argv=None):
         opt.load_state_dict(saved["opt"])
         sched.load_state_dict(saved["sched"])
         state = saved["state"]
+        sched.base_lrs = [args.lr] * len(opt.param_groups)  # a resumed run may change the learning rate
         logger.info("resumed at step %d (stage %d)", state["step"], state["stage"])
-    sampler = Sampler(tok, args.seed * 1000 + state["step"], args.kv_haystack_fraction)
+    sampler = Sampler(tok, args.seed * 1000 + state["step"], args.kv_haystack_fraction, args.one_digit_fraction)
     logger.info("model %.2fM params, vocab %d, %.2f tokens/filler word", sum(p.numel() for p in model.parameters()) / 1e6,
                 len(tok), sampler.tokens_per_word)
 

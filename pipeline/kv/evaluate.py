@@ -39,34 +39,34 @@ def generate_answers(model, tokenizer, examples, make_cache=None, max_new_tokens
     return [t.strip().split("\n")[0].strip() == e.answer for t, e in zip(texts, examples)]
 
 
-def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int):
+def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5):
     rng = random.Random(f"niah/{task}/{n_tokens}/{depth}/{seed}")
     words = words_for_tokens(tokenizer, n_tokens)
-    maker = Passkey() if task == "passkey" else KVHaystack()
+    maker = Passkey(key_digits=key_digits) if task == "passkey" else KVHaystack()
     return [maker.make(rng, words, depth) for _ in range(n)]
 
 
 def niah_grid(model, tokenizer, lengths, depths, n_per_cell: int, make_cache=None, task: str = "passkey",
-              seed: int = 0) -> list[list[float]]:
+              seed: int = 0, key_digits: int = 5) -> list[list[float]]:
     """Accuracy[length][depth]."""
     grid = []
     for n_tokens in lengths:
         row = []
         for depth in depths:
-            exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed)
+            exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits)
             row.append(sum(generate_answers(model, tokenizer, exs, make_cache)) / n_per_cell)
         grid.append(row)
     return grid
 
 
-def flenqa_examples(tokenizer, pad_tokens: int, placement: str, n: int, seed: int):
+def flenqa_examples(tokenizer, pad_tokens: int, placement: str, n: int, seed: int, key_digits: int = 5):
     """Same question and relevant span (the passkey sentence inside a fixed 24-word context), padded with
     about `pad_tokens` tokens of irrelevant filler after it ("start"), around it ("middle") or before it
     ("end"). Only the padding changes with `pad_tokens`."""
     pad_words = words_for_tokens(tokenizer, pad_tokens + 25) if pad_tokens > 0 else 0
     out = []
     for i in range(n):
-        ex = Passkey().make(random.Random(f"flenqa/{seed}/{i}"), 24, 0.5)
+        ex = Passkey(key_digits=key_digits).make(random.Random(f"flenqa/{seed}/{i}"), 24, 0.5)
         span = ex.question.rsplit("\n", 1)[0]
         words = " ".join(filler(random.Random(f"flenqa-pad/{seed}/{i}"), pad_words)).split() if pad_words else []
         before = {"start": 0, "middle": len(words) // 2, "end": len(words)}[placement]
@@ -75,8 +75,10 @@ def flenqa_examples(tokenizer, pad_tokens: int, placement: str, n: int, seed: in
     return out
 
 
-def flenqa_curve(model, tokenizer, pad_lengths, placements, n: int, make_cache=None, seed: int = 0) -> dict:
-    return {p: [sum(generate_answers(model, tokenizer, flenqa_examples(tokenizer, L, p, n, seed), make_cache)) / n
+def flenqa_curve(model, tokenizer, pad_lengths, placements, n: int, make_cache=None, seed: int = 0,
+                 key_digits: int = 5) -> dict:
+    return {p: [sum(generate_answers(model, tokenizer, flenqa_examples(tokenizer, L, p, n, seed, key_digits),
+                                                    make_cache)) / n
                 for L in pad_lengths] for p in placements}
 
 
