@@ -11,7 +11,6 @@ the target positions (HF shifts them). Checkpoints every `save_every` steps and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random

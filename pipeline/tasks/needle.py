@@ -118,5 +118,3 @@ def prompt_of(example: Example) -> str:
     `Answer:` + continuation)."""
     return f"{example.question}\n{ANSWER_PREFIX}"
 
-
-TASKS = {"passkey": Passkey(), "kv_haystack": KVHaystack()}
