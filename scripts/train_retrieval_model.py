@@ -2,10 +2,14 @@
 
 Curriculum on context length: each stage samples prompt lengths up to its cap (48 -> 128 -> 256 ->
 512 -> 1024 tokens) and moves on once the teacher-forced answer accuracy over the last 20 batches reaches
-`advance_at` (or its step cap is spent). Loss only on the answer tokens (+ eos), whose labels sit at
-the target positions (HF shifts them). Checkpoints every `save_every` steps and resumes from them.
+`advance_at` (or its step cap is spent). Loss on the answer tokens (+ eos), whose labels sit at the
+target positions, plus `lm_weight` x an LM loss on the half of the rows whose haystack repeats a few
+sentences (a dense copy signal). Checkpoints every `save_every` steps and resumes from them (a resumed
+run may change the data options and the learning rate).
 
-    OMP_NUM_THREADS=1 python scripts/train_retrieval_model.py --output_dir data/models/retrieval-tiny
+    # settings of the committed model's last phase (see docs/kv.md for its full history)
+    OMP_NUM_THREADS=1 python scripts/train_retrieval_model.py --lr 2e-3 --kv_haystack_fraction 0 \
+        --one_digit_fraction 0.7 --advance_at 0.6 --stages 48:600,128:300,256:300,512:300,1024:300
 """
 
 from __future__ import annotations
