@@ -1,0 +1,126 @@
+"""NIAH grid (length x depth) and FlenQA-style length robustness, with any cache policy.
+
+A policy is a function `() -> Cache | None` (None = the model's default cache), so the same harness
+scores the full cache, retrieval-head compression, a uniform window and random heads. Prompts of one
+grid cell share a length, so they run as one left-padded batch through `model.generate`.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from pipeline.tasks.base import Example
+from pipeline.tasks.needle import KVHaystack, Passkey, filler, prompt_of
+
+
+def words_for_tokens(tokenizer, n_tokens: int) -> int:
+    """Filler words that give a passkey prompt of about `n_tokens` tokens."""
+    probe = Passkey().make(random.Random(0), 400, 0.5)
+    per_word = len(tokenizer(prompt_of(probe), add_special_tokens=False)["input_ids"]) / 400
+    return max(4, int((n_tokens - 25) / per_word))
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, examples, make_cache=None, max_new_tokens: int = 8) -> list[bool]:
+    """Greedy answers for `examples` (one batch); correct iff the first line equals the answer."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer([prompt_of(e) for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
+    kwargs = {}
+    if make_cache is not None:
+        cache = make_cache()
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **kwargs)
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [t.strip().split("\n")[0].strip() == e.answer for t, e in zip(texts, examples)]
+
+
+def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5):
+    rng = random.Random(f"niah/{task}/{n_tokens}/{depth}/{seed}")
+    words = words_for_tokens(tokenizer, n_tokens)
+    maker = Passkey(key_digits=key_digits) if task == "passkey" else KVHaystack()
+    return [maker.make(rng, words, depth) for _ in range(n)]
+
+
+def niah_grid(model, tokenizer, lengths, depths, n_per_cell: int, make_cache=None, task: str = "passkey",
+              seed: int = 0, key_digits: int = 5) -> list[list[float]]:
+    """Accuracy[length][depth]."""
+    grid = []
+    for n_tokens in lengths:
+        row = []
+        for depth in depths:
+            exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits)
+            row.append(sum(generate_answers(model, tokenizer, exs, make_cache)) / n_per_cell)
+        grid.append(row)
+    return grid
+
+
+def flenqa_examples(tokenizer, pad_tokens: int, placement: str, n: int, seed: int, key_digits: int = 5):
+    """Same question and relevant span (the passkey sentence inside a fixed 24-word context), padded with
+    about `pad_tokens` tokens of irrelevant filler after it ("start"), around it ("middle") or before it
+    ("end"). Only the padding changes with `pad_tokens`."""
+    pad_words = words_for_tokens(tokenizer, pad_tokens + 25) if pad_tokens > 0 else 0
+    out = []
+    for i in range(n):
+        ex = Passkey(key_digits=key_digits).make(random.Random(f"flenqa/{seed}/{i}"), 24, 0.5)
+        span = ex.question.rsplit("\n", 1)[0]
+        words = " ".join(filler(random.Random(f"flenqa-pad/{seed}/{i}"), pad_words)).split() if pad_words else []
+        before = {"start": 0, "middle": len(words) // 2, "end": len(words)}[placement]
+        text = " ".join(x for x in (" ".join(words[:before]), span, " ".join(words[before:])) if x)
+        out.append(Example(task=ex.task, question=f"{text}\nWhat is the passkey?", answer=ex.answer))
+    return out
+
+
+def flenqa_curve(model, tokenizer, pad_lengths, placements, n: int, make_cache=None, seed: int = 0,
+                 key_digits: int = 5) -> dict:
+    return {p: [sum(generate_answers(model, tokenizer, flenqa_examples(tokenizer, L, p, n, seed, key_digits),
+                                                    make_cache)) / n
+                for L in pad_lengths] for p in placements}
+
+
+def plot_grid(path, grid, lengths, depths, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap
+
+    cmap = LinearSegmentedColormap.from_list("niah", ["#F0496E", "#EBB839", "#0CD79F"])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(lengths), 3.2))
+    ax.imshow([[grid[i][j] for i in range(len(lengths))] for j in range(len(depths))], cmap=cmap, vmin=0, vmax=1,
+              aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(x) for x in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    for i in range(len(lengths)):
+        for j in range(len(depths)):
+            ax.text(i, j, f"{grid[i][j]:.2f}", ha="center", va="center", fontsize=7)
+    ax.set_xlabel("context tokens")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path, xs, curves: dict, xlabel: str, ylabel: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, ys in curves.items():
+        ax.plot(xs, ys, marker="o", label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,127 @@
+"""NIAH evaluation stage: needle-in-a-haystack accuracy with the full KV cache and with head-level KV
+compression (full K/V for the top retrieval heads of a registry, sink + window for the rest), plus a
+uniform sink + window on every head at the same KV bytes as the StreamingLLM baseline.
+
+    python -m pipeline.niah --config recipes/tiny/niah.yaml [--full_heads 4 --window 32 ...]
+
+Writes <output_dir>/niah.json, niah_<policy>.png heatmaps and stage_result.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from pathlib import Path
+
+from pipeline.config import RecipeError, cli, parse
+from pipeline.io import atomic_write_json, write_stage_result
+
+logger = logging.getLogger("pipeline.niah")
+
+
+@dataclasses.dataclass
+class NiahArguments:
+    model_name_or_path: str = "data/models/retrieval-tiny"
+    output_dir: str = "outputs/tiny/niah"
+    registry: str | None = dataclasses.field(
+        default=None, metadata={"help": "Retrieval-head registry JSON. Default: <model>/retrieval_heads.json."})
+    full_heads: int | None = dataclasses.field(default=None, metadata={"help": "KV heads kept whole (count)."})
+    full_fraction: float | None = dataclasses.field(
+        default=None, metadata={"help": "KV heads kept whole, as a fraction of all KV heads (instead of full_heads)."})
+    sink: int = 4
+    window: int = 32
+    prefill: str = dataclasses.field(default="full", metadata={"help": "'full' (attend, then evict) or 'local'."})
+    task: str = "passkey"
+    key_digits: int = dataclasses.field(default=5, metadata={"help": "Passkey length (distinct digits, 1-10)."})
+    lengths: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
+    depths: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 0.9])
+    n_per_cell: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.full_heads is None) == (self.full_fraction is None):
+            raise ValueError("set exactly one of keys 'full_heads' and 'full_fraction'")
+        if self.full_fraction is not None and not 0 <= self.full_fraction <= 1:
+            raise ValueError(f"key 'full_fraction' must be in [0, 1], got {self.full_fraction}")
+        if self.prefill not in ("full", "local"):
+            raise ValueError(f"key 'prefill' must be 'full' or 'local', got {self.prefill!r}")
+        if self.task not in ("passkey", "kv_haystack"):
+            raise ValueError(f"key 'task' must be 'passkey' or 'kv_haystack', got {self.task!r}")
+        if not 1 <= self.key_digits <= 10:
+            raise ValueError(f"key 'key_digits' must be in [1, 10], got {self.key_digits}")
+        if not self.lengths or min(self.lengths) < 64:
+            raise ValueError("key 'lengths' must list context lengths >= 64 tokens")
+        if not self.depths or not all(0 <= d <= 1 for d in self.depths):
+            raise ValueError("key 'depths' must list fractions in [0, 1]")
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,), _, source = parse([NiahArguments], argv, prog="python -m pipeline.niah")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not Path(args.model_name_or_path, "config.json").is_file():
+        raise RecipeError(f"{source}: key 'model_name_or_path': no model at {args.model_name_or_path}")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.kv.cache import HeadKVCache, expected_bytes, use_headwise_attention
+    from pipeline.kv.detect import heads_by_layer, load_registry, top_heads
+    from pipeline.kv.evaluate import niah_grid, plot_grid
+
+    # Model + budget
+    tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = use_headwise_attention(AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32))
+    model.eval()
+    cfg = model.config
+    registry_path = args.registry or str(Path(args.model_name_or_path) / "retrieval_heads.json")
+    try:
+        reg = load_registry(registry_path, model)
+    except ValueError as e:
+        raise RecipeError(f"{source}: key 'registry': {e}") from None
+    n_kv = cfg.num_hidden_layers * cfg.num_key_value_heads
+    k = args.full_heads if args.full_heads is not None else round(args.full_fraction * n_kv)
+    if not 0 <= k <= n_kv:
+        raise RecipeError(f"{source}: key 'full_heads': {k} is not in [0, {n_kv}]")
+    full = heads_by_layer(top_heads(reg["kv_scores"], k), cfg.num_hidden_layers)
+    none = [[] for _ in range(cfg.num_hidden_layers)]
+
+    # Uniform window at equal bytes for the longest context: every head keeps sink + w tokens.
+    T = max(args.lengths)
+    per_head = (k * T + (n_kv - k) * min(T, args.sink + args.window)) / n_kv
+    uniform_window = max(1, round(per_head) - args.sink)
+    policies = {
+        "full": None,
+        "retrieval_heads": lambda: HeadKVCache(cfg, full, args.sink, args.window, args.prefill),
+        "uniform_window": lambda: HeadKVCache(cfg, none, args.sink, uniform_window, args.prefill),
+    }
+
+    # Work
+    t0 = time.time()
+    results, metrics = {}, {}
+    for name, make in policies.items():
+        grid = niah_grid(model, tok, args.lengths, args.depths, args.n_per_cell, make, args.task, args.seed,
+                         args.key_digits)
+        acc = sum(map(sum, grid)) / (len(args.lengths) * len(args.depths))
+        results[name] = {"grid": grid, "accuracy": acc}
+        metrics[f"niah_acc/{name}"] = round(acc, 4)
+        plot_grid(Path(args.output_dir) / f"niah_{name}.png", grid, args.lengths, args.depths,
+                  f"{args.task} NIAH, {name} (acc {acc:.2f})")
+        logger.info("%s: accuracy %.3f", name, acc)
+    for name, (heads, window) in {"retrieval_heads": (full, args.window), "uniform_window": (none, uniform_window)}.items():
+        ratio = expected_bytes(cfg, heads, T, 1, args.sink, window) / expected_bytes(cfg, none, T, 1, 0, T)
+        metrics[f"kv_bytes_ratio@{T}/{name}"] = round(ratio, 4)
+        results[name]["kv_bytes_ratio"] = ratio
+
+    # Save
+    atomic_write_json(Path(args.output_dir) / "niah.json", {
+        "args": dataclasses.asdict(args), "full_heads": full, "uniform_window": uniform_window,
+        "registry": registry_path, "results": results, "seconds": round(time.time() - t0, 1)})
+    write_stage_result(args.output_dir, "niah", metrics, {"report": str(Path(args.output_dir) / "niah.json")})
+    return metrics
+
+
+if __name__ == "__main__":
+    cli(main)
