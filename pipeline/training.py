@@ -92,7 +92,7 @@ def last_checkpoint(output_dir: str) -> str | None:
     return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
 
 
-def train_and_save(trainer, stage: str, data_args: DataArguments) -> dict:
+def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) -> dict:
     """Train (resuming from the last checkpoint in output_dir), save model + metrics, mark the stage done."""
     args = trainer.args
     done = read_stage_result(args.output_dir)
@@ -112,7 +112,7 @@ def train_and_save(trainer, stage: str, data_args: DataArguments) -> dict:
     if losses:
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
     metrics.update(global_step=trainer.state.global_step, world_size=args.world_size)
-    if data_args.eval_tasks:
+    if data_args is not None and data_args.eval_tasks:
         # Every rank runs the same greedy decode: under ZeRO-3 all ranks must take part in each forward.
         from pipeline.evaluate import evaluate
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 from pipeline.tasks.arithmetic import Addition
 from pipeline.tasks.base import ANSWER_PREFIX, Example, Task, extract_answer, make_split, normalize, split_of
 from pipeline.tasks.lookup import KVLookup, MultiHop
+from pipeline.tasks.needle import KVHaystack, Passkey
 from pipeline.tasks.symbols import Copy, Reverse, Sort
 
-TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Copy(), Reverse(), Sort(), KVLookup(), MultiHop())}
+TASKS: dict[str, Task] = {t.name: t for t in (Addition(), Copy(), Reverse(), Sort(), KVLookup(), MultiHop(),
+                                               Passkey(), KVHaystack())}
 
 
 def get_task(name: str) -> Task:
