@@ -116,7 +116,8 @@ def child(spec: dict) -> dict:
 
 def run_config(spec: dict, timeout: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     launcher = [sys.executable]
     if spec.get("sp", 1) > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec["sp"])]
