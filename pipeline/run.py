@@ -117,8 +117,8 @@ def fingerprint(stage: Stage) -> str:
 
 
 def _summary(metrics: dict, limit: int = 4) -> str:
-    keys = [k for k in metrics if "accuracy" in k] + [k for k in ("train_loss", "eval_loss") if k in metrics]
-    keys += [k for k in metrics if k not in keys]
+    keys = [k for k in ("accuracy/mean", "train_loss") if k in metrics] + [k for k in metrics if "accuracy" in k]
+    keys = list(dict.fromkeys(keys + list(metrics)))
     shown = [f"{k}={_fmt(metrics[k])}" for k in keys[:limit]]
     return ", ".join(shown)
 

@@ -185,9 +185,9 @@ def load_quantized_preserving_super_weights(
             rows = torch.tensor([r for r, _ in entries])
             cols = torch.tensor([c for _, c in entries])
             vals = lin.weight.data[rows, cols].clone()
-            for sw in sws:  # a registry value that the checkpoint does not hold means the wrong model/registry
+            for sw in (s for s in sws if s.module == name):  # a value the checkpoint does not hold: wrong registry
                 got = lin.weight.data[sw.row, sw.col]
-                if sw.module == name and got != torch.tensor(sw.value, dtype=got.dtype):
+                if got != torch.tensor(sw.value, dtype=got.dtype):
                     raise RecipeError(f"{registry_path or 'detected registry'}: super weight "
                                       f"{(sw.layer, sw.row, sw.col)} is {sw.value!r} in the registry but "
                                       f"{got.item()!r} in {model_name_or_path}")

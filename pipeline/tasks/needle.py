@@ -14,6 +14,7 @@ each difficulty level and draws the depth at random.
 from __future__ import annotations
 
 import dataclasses
+import re
 import random
 
 from pipeline.tasks.base import ANSWER_PREFIX, Example, Task
@@ -82,6 +83,12 @@ class Passkey(Task):
     def generate(self, rng: random.Random, difficulty: int = 1) -> Example:
         return self.make(rng, haystack_words(difficulty), rng.random())
 
+    def wrong(self, example: Example, rng: random.Random) -> Example:
+        """A misremembered passkey: one digit changed (DPO's rejected answers)."""
+        i = rng.randrange(len(example.answer))
+        digit = rng.choice([d for d in "0123456789" if d != example.answer[i]])
+        return dataclasses.replace(example, answer=example.answer[:i] + digit + example.answer[i + 1:])
+
 
 @dataclasses.dataclass
 class KVHaystack(Task):
@@ -111,6 +118,11 @@ class KVHaystack(Task):
 
     def generate(self, rng: random.Random, difficulty: int = 1) -> Example:
         return self.make(rng, haystack_words(difficulty), rng.random())
+
+    def wrong(self, example: Example, rng: random.Random) -> Example:
+        """Another key's code: the typical retrieval slip (DPO's rejected answers)."""
+        codes = [c for c in re.findall(r"The code for \w+ is (\d+)\.", example.question) if c != example.answer]
+        return dataclasses.replace(example, answer=rng.choice(codes) if codes else example.answer[::-1] + "0")
 
 
 def prompt_of(example: Example) -> str:
