@@ -29,7 +29,7 @@ from pipeline.config import RecipeError, cli, load_yaml, parse
 from pipeline.evo.operators import LexicalOperator, LLMOperator, load_phrase_bank
 from pipeline.evo.search import (Candidate, LocalTaskModel, Scorer, de_generation, ga_generation, prompt_id)
 from pipeline.generation.teachers import RequestCache, make_teacher
-from pipeline.io import atomic_write_json, atomic_write_text, write_stage_result
+from pipeline.io import atomic_write_json, atomic_write_text, read_jsonl, write_stage_result
 from pipeline.tasks import Example, get_task, make_split
 
 logger = logging.getLogger(__name__)
@@ -120,17 +120,9 @@ def load_prompts(path: str) -> list[str]:
 
 
 def load_examples(path: str, metric: str) -> list[Example]:
-    if not Path(path).is_file():
-        raise RecipeError(f"{path}: not found")
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str) or row.get("answer") is None:
+    for n, row in read_jsonl(path, "dataset"):
+        if not isinstance(row.get("question"), str) or row.get("answer") is None:
             raise RecipeError(f"{path}: line {n}: needs a string 'question' and an 'answer'")
         if metric == "verifier":
             try:

@@ -29,7 +29,7 @@ from pipeline.generation.hygiene import binarize, contaminated, dedup
 from pipeline.generation.prompts import STYLES, load_library
 from pipeline.generation.teachers import (RequestCache, Request, judge_messages, make_teacher, parse_rating,
                                           request_key, run_requests)
-from pipeline.io import atomic_write_text, write_stage_result
+from pipeline.io import atomic_write_text, read_jsonl, write_stage_result
 from pipeline.tasks import TASKS, Example, get_task, make_split, split_of
 
 logger = logging.getLogger(__name__)
@@ -97,16 +97,8 @@ def load_queries(args: GenerateArguments) -> list[Query]:
     seen = {q.id for q in queries}
     if args.queries_file:
         path = Path(args.queries_file)
-        if not path.is_file():
-            raise RecipeError(f"key 'queries_file': {path} not found")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str):
+        for n, row in read_jsonl(path, "key 'queries_file'"):
+            if not isinstance(row.get("question"), str):
                 raise RecipeError(f"{path}: line {n}: needs a string 'question'")
             example = None
             if row.get("task") is not None:
@@ -125,16 +117,7 @@ def load_queries(args: GenerateArguments) -> list[Query]:
 def eval_texts(paths: list[str]) -> list[str]:
     texts = []
     for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise RecipeError(f"key 'decontaminate_against': {p} not found")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{p}: line {n}: invalid JSON ({e.msg})") from None
+        for n, row in read_jsonl(p, "key 'decontaminate_against'"):
             msgs = row.get("messages") or row.get("prompt")
             if isinstance(row.get("question"), str):
                 texts.append(row["question"])

@@ -7,7 +7,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 STAGE_RESULT = "stage_result.json"
 
@@ -50,3 +50,24 @@ def write_stage_result(output_dir: str | os.PathLike, stage: str, metrics: dict,
 def read_stage_result(output_dir: str | os.PathLike) -> dict | None:
     path = Path(output_dir) / STAGE_RESULT
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def read_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-empty line of a JSONL file. A missing file, or a line that is not a
+    JSON object, raises a RecipeError naming the file and the line."""
+    from pipeline.config import RecipeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{what}: {path} not found")
+    with path.open() as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{path}: line {n}: expected a JSON object")
+            yield n, row

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from pipeline.config import RecipeError, cli, parse
-from pipeline.io import write_stage_result
+from pipeline.io import read_jsonl, write_stage_result
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +87,14 @@ def _corpus_texts(paths: list[str]) -> Iterator[str]:
     yield from _builtin_corpus()
     for p in paths:
         path = Path(p)
+        if path.suffix == ".jsonl":
+            for _, row in read_jsonl(path, "key 'corpus'"):
+                yield from _strings(row)
+            continue
         if not path.is_file():
-            raise RecipeError(f"key 'corpus': file {p} not found")
+            raise RecipeError(f"key 'corpus': {p} not found")
         with path.open() as fh:
-            for n, line in enumerate(fh, 1):
-                if path.suffix == ".jsonl":
-                    try:
-                        yield from _strings(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise RecipeError(f"{p}: line {n}: invalid JSON ({e.msg})") from None
-                else:
-                    yield line
+            yield from fh
 
 
 def _strings(obj) -> Iterator[str]:
