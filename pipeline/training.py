@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -118,6 +119,9 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) 
 
         metrics.update(evaluate(trainer.model, trainer.processing_class, data_args.eval_tasks,
                                 data_args.eval_examples))
+    registry = Path(args.output_dir) / "super_weights.json"  # written by a preserve_super_weights load
+    if registry.is_file():
+        metrics["super_weights_kept_exact"] = len(json.loads(registry.read_text())["super_weights"])
     trainer.log_metrics("train", metrics)
     trainer.save_metrics("train", metrics)
     trainer.save_state()

@@ -39,12 +39,14 @@ def _arguments(module: str):
     from pipeline.generate import GenerateArguments
     from pipeline.longctx.data import PasskeyDataArguments
     from pipeline.niah import NiahArguments
+    from pipeline.quant.plant import PlantArguments
     from pipeline.rl.cppo_trainer import CPPOConfig
     from pipeline.tiny import TinyModelSpec
 
     return {"pipeline.tiny": [TinyModelSpec], "pipeline.generate": [GenerateArguments],
             "pipeline.evaluate": [EvalArguments], "pipeline.evoprompt": [EvoPromptArguments],
             "pipeline.niah": [NiahArguments], "pipeline.longctx.data": [PasskeyDataArguments],
+            "pipeline.quant.plant": [PlantArguments],
             "pipeline.cppo": [CPPOArguments, CPPOConfig, ModelArguments]}[module]
 
 
