@@ -8,8 +8,9 @@ Every configuration runs in its own child process (2 optimizer steps on a model 
 which reports its peak memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated) and the time of
 the second step. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
 LM head, padded rows); "ours" adds the long-context switches (tiled MLP and tiled loss in chunks of --tile-tokens
-instead of TRL's 32768 tokens, padding-free rows incl. DPO, and on CUDA checkpoint offload); "ours_sp2" also shards
-every sequence over 2 processes (torchrun; memory is per process).
+instead of TRL's 32768 tokens, padding-free rows incl. DPO); "ours_offload" also offloads the
+activation checkpoints to host memory (CUDA only); "ours_sp2" shards every sequence over 2 processes (torchrun;
+memory is per process).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
 SDPA/flash, so memory is linear in length) over the measured lengths; it is marked as extrapolated.
@@ -30,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+MODES = ("trl", "ours", "ours_offload", "ours_sp2")
 PRESETS = {  # realistic widths and vocabularies, few layers (memory per layer is what the switches change)
     # Qwen2-0.5B's width (hidden 896, MLP 4864, 14/2 heads), one layer: with checkpointing, the per-layer peak
     # (what the switches change) is that of one layer anyway, and 2 shared CPU cores allow no more.
@@ -83,7 +85,7 @@ def child(spec: dict) -> dict:
     if mode != "trl":
         cls = long_context_trainer(cls, LongContextArguments(tiled_mlp_tile_tokens=spec["tile_tokens"],
                                                              tiled_loss_tokens=spec["tile_tokens"],
-                                                             checkpoint_offload=cuda,
+                                                             checkpoint_offload=mode == "ours_offload",
                                                              sequence_parallel_size=spec.get("sp", 1)))
     assert args.gradient_checkpointing, "TRL's default is activation checkpointing on"
 
@@ -117,17 +119,21 @@ def child(spec: dict) -> dict:
 def run_config(spec: dict, timeout: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false",
+           # glibc otherwise raises its mmap threshold as large blocks are freed and keeps them in the heap, so peak
+           # RSS would count memory already freed; a fixed threshold returns large blocks at once (RSS ~ live tensors)
+           "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     launcher = [sys.executable]
     if spec.get("sp", 1) > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec["sp"])]
     start = time.time()
+    result_dir = Path(tempfile.mkdtemp(prefix="bench_longctx_result_"))  # one file per rank: stdout lines interleave
     try:
-        proc = subprocess.run(launcher + [__file__, "--child", json.dumps(spec)], env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(launcher + [__file__, "--child", json.dumps({**spec, "result_dir": str(result_dir)})],
+                              env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**spec, "error": f"timeout after {timeout} s"}
-    results = [json.loads(line[7:]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    results = [json.loads(f.read_text()) for f in sorted(result_dir.glob("rank*.json"))]
     if proc.returncode or not results:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
@@ -139,16 +145,21 @@ def run_config(spec: dict, timeout: int) -> dict:
             "wall_s": round(time.time() - start, 1)}
 
 
-def fit_max_length(points: list[tuple[int, float]], cap_gb: float) -> int | None:
-    """Longest length whose fitted peak memory (least squares line over the points) stays under the cap."""
+def fit_line(points: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares (slope, intercept) of peak memory vs length."""
     if len(points) < 2:
         return None
     n = len(points)
     mx = sum(x for x, _ in points) / n
     my = sum(y for _, y in points) / n
     slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    intercept = my - slope * mx
-    return int((cap_gb - intercept) / slope) if slope > 0 else None
+    return slope, my - slope * mx
+
+
+def fit_max_length(points: list[tuple[int, float]], cap_gb: float) -> int | None:
+    """Longest length whose fitted peak memory (least squares line over the points) stays under the cap."""
+    line = fit_line(points)
+    return int((cap_gb - line[1]) / line[0]) if line and line[0] > 0 else None
 
 
 def plot(results: list[dict], out: Path, cap_gb: float) -> None:
@@ -157,9 +168,10 @@ def plot(results: list[dict], out: Path, cap_gb: float) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
-    for col, stage in enumerate(("sft", "dpo")):
-        for mode, style in (("trl", "o-"), ("ours", "s-"), ("ours_sp2", "^--")):
+    stages = [s for s in ("sft", "dpo") if any(r["stage"] == s for r in results)]
+    fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages), 7.5), squeeze=False)
+    for col, stage in enumerate(stages):
+        for mode, style in (("trl", "o-"), ("ours", "s-"), ("ours_offload", "d-"), ("ours_sp2", "^--")):
             pts = sorted((r["length"], r) for r in results if r["stage"] == stage and r["mode"] == mode
                          and "error" not in r)
             if not pts:
@@ -186,7 +198,7 @@ def main() -> None:
     p.add_argument("--preset", default=None, choices=list(PRESETS), help="default: qwen2-0.5b-1l (cpu), llama8b-4l (cuda)")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
-    p.add_argument("--modes", nargs="+", default=["trl", "ours"], choices=["trl", "ours", "ours_sp2"])
+    p.add_argument("--modes", nargs="+", default=["trl", "ours"], choices=list(MODES))
     p.add_argument("--tile-tokens", type=int, default=None,
                    help="tokens per tiled-MLP tile and per tiled-loss chunk; default: the hidden size (ALST's rule)")
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap for the longest-sequence estimate")
@@ -197,8 +209,9 @@ def main() -> None:
     a = p.parse_args()
     if a.child:
         spec = json.loads(a.child)
+        result_dir = Path(spec.pop("result_dir"))
         result = child(spec)
-        print("RESULT " + json.dumps(result), flush=True)
+        (result_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result))
         return
 
     from pipeline.tiny import TinyModelSpec, train_tokenizer
@@ -212,7 +225,7 @@ def main() -> None:
         previous = json.loads(out.with_suffix(".json").read_text())
         results, meta = previous["results"], previous["meta"]
         a.stages = sorted({r["stage"] for r in results}, reverse=True)
-        a.modes = [m for m in ("trl", "ours", "ours_sp2") if any(r["mode"] == m for r in results)]
+        a.modes = [m for m in MODES if any(r["mode"] == m for r in results)]
         write(out, meta | {"cap_gb": cap}, results, a.stages, a.modes, cap)
         print(json.dumps(json.loads(out.with_suffix(".json").read_text())["summary"], indent=1))
         return
@@ -252,18 +265,24 @@ def write(out: Path, meta: dict, results: list[dict], stages, modes, cap: float)
         for mode in modes:
             pts = [(r["length"], r["peak_gb"]) for r in results
                    if r["stage"] == stage and r["mode"] == mode and "error" not in r]
-            summary[f"{stage}/{mode}"] = {"max_length_under_cap_fit": fit_max_length(pts, cap)}
-        base = {r["length"]: r for r in results if r["stage"] == stage and r["mode"] == "trl" and "error" not in r}
-        for r in results:
-            if r["stage"] == stage and r["mode"] != "trl" and "error" not in r and r["length"] in base:
-                b = base[r["length"]]
-                r["peak_ratio_vs_trl"] = round(r["peak_gb"] / b["peak_gb"], 3)
-                r["step_time_ratio_vs_trl"] = round(r["step_s"] / b["step_s"], 3)
-        trl_max = summary.get(f"{stage}/trl", {}).get("max_length_under_cap_fit")
-        for mode in modes:
-            ours_max = summary[f"{stage}/{mode}"]["max_length_under_cap_fit"]
-            if mode != "trl" and trl_max and ours_max:
-                summary[f"{stage}/{mode}"]["max_length_ratio_vs_trl"] = round(ours_max / trl_max, 2)
+            line = fit_line(pts)
+            summary[f"{stage}/{mode}"] = {"max_length_under_cap_fit": fit_max_length(pts, cap),
+                                          "fit_gb_per_1k_tokens": round(line[0] * 1000, 4) if line else None,
+                                          "fit_gb_at_0": round(line[1], 3) if line else None}
+        # Every other mode against TRL's defaults, and the extra switches (offload, SP) against plain "ours".
+        for ref in ("trl", "ours"):
+            base = {r["length"]: r for r in results if r["stage"] == stage and r["mode"] == ref and "error" not in r}
+            for r in results:
+                if (r["stage"] == stage and r["mode"] not in ("trl", ref) and "error" not in r
+                        and r["length"] in base):
+                    b = base[r["length"]]
+                    r[f"peak_ratio_vs_{ref}"] = round(r["peak_gb"] / b["peak_gb"], 3)
+                    r[f"step_time_ratio_vs_{ref}"] = round(r["step_s"] / b["step_s"], 3)
+            ref_max = summary.get(f"{stage}/{ref}", {}).get("max_length_under_cap_fit")
+            for mode in modes:
+                mode_max = summary[f"{stage}/{mode}"]["max_length_under_cap_fit"]
+                if mode not in ("trl", ref) and ref_max and mode_max:
+                    summary[f"{stage}/{mode}"][f"max_length_ratio_vs_{ref}"] = round(mode_max / ref_max, 2)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out.with_suffix(".json"), {"meta": meta, "summary": summary, "results": results})
     try:

@@ -36,7 +36,7 @@ def test_hook_path_equals_dequantized_weights_with_exact_super_weight(planted_di
     assert all(not m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
     w_q = bnb.functional.dequantize_4bit(down.weight.data, down.weight.quant_state)
     assert w_q[17, 100] == 0  # held out: quantized as 0, which NF4 represents exactly
-    x = torch.randn(3, 5, 128)
+    x = torch.randn(3, 5, 128).to(w_q.device)  # the quantized weights' device (CUDA where bnb runs there)
     with torch.no_grad():
         expected = x @ w_q.T
         expected[..., 17] += x[..., 100] * V
@@ -45,6 +45,7 @@ def test_hook_path_equals_dequantized_weights_with_exact_super_weight(planted_di
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     ref = AutoModelForCausalLM.from_pretrained(planted_dir, dtype=torch.float32).model.layers[1].mlp.down_proj.weight
+    ref = ref.to(w_q.device)
     mates = slice(64, 128)  # NF4 blocks are 64 consecutive entries of a row: row 17, cols 64..127
     plain = AutoModelForCausalLM.from_pretrained(
         planted_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))

@@ -73,6 +73,10 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
             if sp > 1:
                 check_heads(kwargs["model"].config, sp)
             super().__init__(*args, **kwargs)
+            # DDP keeps a second copy of every gradient in its all-reduce buckets unless gradients are views of
+            # them: one gradient-sized buffer less per process (exact; applied before `train` wraps the model).
+            if self.accelerator.ddp_handler is not None:
+                self.accelerator.ddp_handler.gradient_as_bucket_view = True
             # TRL exposes no argument for its fused LM head's chunk; this module constant is read at every call.
             trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = lc_args.tiled_loss_tokens
 
