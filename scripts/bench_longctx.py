@@ -113,6 +113,45 @@ def child(spec: dict) -> dict:
             "steps": len(times), "world_size": trainer.args.world_size}
 
 
+def saved_activations(spec: dict) -> dict:
+    """Bytes of the tensors autograd saves in one forward with the long-context switches (no checkpointing, so all
+    of them; parameters excluded), per rank: what sequence parallelism divides, without allocator noise."""
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from trl.trainer.utils import add_fused_lm_head
+
+    from pipeline.longctx.fused_forward import wrap_fused_forward
+    from pipeline.longctx.tiled_mlp import patch_tiled_mlp
+    from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION
+
+    group = None
+    if spec["sp"] > 1:
+        dist.init_process_group("gloo")
+        group = dist.new_group(list(range(spec["sp"])))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**PRESETS[spec["preset"]], attn_implementation="sdpa",
+                                                         max_position_embeddings=max(spec["length"], 4096)))
+    add_fused_lm_head(model)
+    patch_tiled_mlp(model, spec["tile_tokens"])
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    wrap_fused_forward(model, pack=False, sp_group=group)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, PRESETS[spec["preset"]]["vocab_size"], (1, spec["length"]))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids, fused_lm_head=True, use_cache=False)
+    mb = sum(seen.values()) / 2**20
+    return {**spec, "saved_mb": mb, "saved_kb_per_token": mb * 1024 / spec["length"]}
+
+
 # ------------------------------------------------------------------------------------------------ parent
 
 
@@ -138,6 +177,8 @@ def run_config(spec: dict, timeout: int) -> dict:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
         oom = "out of memory" in proc.stderr.lower() or proc.returncode in (-9, 137)
         return {**spec, "error": "out of memory" if oom else tail[0][-300:]}
+    if spec.get("saved"):
+        return max(results, key=lambda r: r["saved_mb"])  # the worse rank
     # With SP, memory and time are those of the worst rank.
     best = max(results, key=lambda r: r["peak_gb"])
     step_s = max(r["step_s"] for r in results)
@@ -204,13 +245,15 @@ def main() -> None:
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap for the longest-sequence estimate")
     p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
     p.add_argument("--out", default="benchmarks/longctx")
+    p.add_argument("--saved-activations", action="store_true",
+                   help="instead of training steps: bytes autograd saves in one forward, per rank (ours, ours_sp2)")
     p.add_argument("--resummarize", action="store_true",
                    help="recompute the summary and plot of an existing --out JSON (e.g. for another --cap-gb)")
     a = p.parse_args()
     if a.child:
         spec = json.loads(a.child)
         result_dir = Path(spec.pop("result_dir"))
-        result = child(spec)
+        result = saved_activations(spec) if spec.get("saved") else child(spec)
         (result_dir / f"rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(result))
         return
 
@@ -232,6 +275,20 @@ def main() -> None:
     tok_dir = tempfile.mkdtemp(prefix="bench_longctx_tok_")
     train_tokenizer(TinyModelSpec(vocab_size=400, max_position_embeddings=1 << 20)).save_pretrained(tok_dir)
     results = []
+    if a.saved_activations:
+        for mode in [m for m in a.modes if m in ("ours", "ours_sp2")]:
+            for length in a.lengths:
+                spec = dict(mode=mode, length=length, device="cpu", preset=preset, tile_tokens=tile,
+                            sp=2 if mode == "ours_sp2" else 1, saved=True)
+                results.append(run_config(spec, a.timeout))
+                print(json.dumps(results[-1]), flush=True)
+        from pipeline.io import atomic_write_json
+
+        atomic_write_json(out.with_suffix(".json"), {"meta": dict(command=" ".join(["python"] + sys.argv),
+                          preset=preset, geometry=PRESETS[preset], tile_tokens=tile, versions=versions(),
+                          memory="bytes of the tensors autograd saves in one forward, parameters excluded, per rank"),
+                          "results": results})
+        return
     for stage in a.stages:
         for mode in a.modes:
             for length in a.lengths:
