@@ -1,12 +1,14 @@
 """Orca's question on the tiny task world: do explanation-style SFT data beat answer-only data at equal budget?
 
-Both data sets come from the generation stage with the same queries, the same oracle teacher (no mistakes)
-and prompt erasure (the generic system prompt in training); only the system-prompt styles differ:
-[steps, explain] vs [concise]. Each run trains the same tiny base model for the same number of steps at the
-same batch size (the same number of examples), with loss on the assistant tokens only, and records held-out
-test accuracy (greedy, task verifiers) along the way. A plain PyTorch loop, so each run is one small process.
+Both data sets come from the generation stage (recipes/tiny/generate.yaml) with the same queries, the same
+oracle teacher (no mistakes) and the recipe's prompt erasure (no system message, as evaluation prompts);
+only the system-prompt styles differ: [steps, explain] vs [concise]. Each run trains the same tiny base model
+for the same number of steps at the same batch size (the same number of examples) with the SFT recipe's
+optimizer settings (AdamW lr 1e-2, beta2 0.95, cosine, 5% warmup, batch 8), loss on the assistant tokens
+only, and records held-out test accuracy (greedy, task verifiers) along the way. A plain PyTorch loop, so
+each run is one small process.
 
-    OMP_NUM_THREADS=1 python scripts/bench_generate_style.py --seeds 0,1,2 --steps 600 --jobs 2
+    OMP_NUM_THREADS=1 python scripts/bench_generate_style.py --seeds 0,1,2 --steps 1500 --eval_at 500,1000 --jobs 1
 Writes benchmarks/generate_style.json and benchmarks/generate_style.png.
 """
 
@@ -100,13 +102,13 @@ def train(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--eval_at", default="150,300")
-    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--eval_at", default="500,1000")
+    ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--beta2", type=float, default=0.95)
-    ap.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of the steps")
-    ap.add_argument("--n_per_task", type=int, default=600)
+    ap.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
+    ap.add_argument("--n_per_task", type=int, default=1500)
     ap.add_argument("--n_eval", type=int, default=50)
     ap.add_argument("--tasks", default="add,copy,reverse,sort,kv_lookup,multihop")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
