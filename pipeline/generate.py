@@ -50,6 +50,9 @@ class GenerateArguments:
     system_prompt_ids: list[str] = dataclasses.field(default_factory=list, metadata={"help": "Restrict to these ids."})
     prompt_erasure: bool = dataclasses.field(
         default=False, metadata={"help": "Orca 2: generate with the specific system prompt, train with the generic one."})
+    erased_system_prompt: str | None = dataclasses.field(
+        default=None, metadata={"help": "Under prompt_erasure, the system message rows get (default: the library's "
+                                "generic one); '' = none, which is how task-world evaluation prompts a model."})
     teachers: list[dict] = dataclasses.field(
         default_factory=lambda: [{"type": "oracle"}],
         metadata={"help": "Each {type: oracle|openai|transformers, ...}; see pipeline/generation/teachers.py."})
@@ -188,8 +191,9 @@ def main(argv: list[str] | None = None) -> dict:
     sft, dpo = [], []
     for q in queries:
         sp, cands = prompts[q.id], candidates[q.id]
-        system = library.generic if args.prompt_erasure else sp.text
-        prompt = [{"role": "system", "content": system}, {"role": "user", "content": q.question}]
+        system = (library.generic if args.erased_system_prompt is None else args.erased_system_prompt) \
+            if args.prompt_erasure else sp.text
+        prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": q.question}]
         s = scores[q.id]
         meta = {"id": q.id, "task": q.example.task if q.example else None, "system_prompt_id": sp.id, "seed": args.seed}
         best = max(range(len(cands)), key=lambda i: (s[i] if s[i] is not None else float("-inf"), -i))
@@ -255,7 +259,7 @@ def corpus(sft: list[dict], dpo: list[dict], library) -> str:
     """All the text the tiny tokenizer should know: system prompts, questions and replies."""
     lines = [library.generic] + [p.text for p in library.prompts]
     for row in sft:
-        lines += [m["content"] for m in row["messages"][1:]]
+        lines += [m["content"] for m in row["messages"] if m["role"] != "system"]
     for row in dpo:
         lines += [row["chosen"][0]["content"], row["rejected"][0]["content"]]
     return "\n".join(line.replace("\n", " ") for line in lines) + "\n"

@@ -1,12 +1,14 @@
 """Orca's question on the tiny task world: do explanation-style SFT data beat answer-only data at equal budget?
 
-Both data sets come from the generation stage with the same queries, the same oracle teacher (no mistakes)
-and prompt erasure (the generic system prompt in training); only the system-prompt styles differ:
-[steps, explain] vs [concise]. Each run trains the same tiny base model for the same number of steps at the
-same batch size (the same number of examples), with loss on the assistant tokens only, and records held-out
-test accuracy (greedy, task verifiers) along the way. A plain PyTorch loop, so each run is one small process.
+Both data sets come from the generation stage (recipes/tiny/generate.yaml) with the same queries, the same
+oracle teacher (no mistakes) and the recipe's prompt erasure (no system message, as evaluation prompts);
+only the system-prompt styles differ: [steps, explain] vs [concise]. Each run trains the same tiny base model
+for the same number of steps at the same batch size (the same number of examples) with the SFT recipe's
+optimizer settings (AdamW lr 1e-2, beta2 0.95, cosine, 5% warmup, batch 8), loss on the assistant tokens
+only, and records held-out test accuracy (greedy, task verifiers) along the way. A plain PyTorch loop, so
+each run is one small process.
 
-    OMP_NUM_THREADS=1 python scripts/bench_generate_style.py --seeds 0,1,2 --steps 600 --jobs 2
+    OMP_NUM_THREADS=1 python scripts/bench_generate_style.py --seeds 0,1,2 --steps 1500 --eval_at 500,1000 --jobs 1
 Writes benchmarks/generate_style.json and benchmarks/generate_style.png.
 """
 
@@ -64,8 +66,8 @@ def train(args) -> None:
         labels = [t if m else -100 for t, m in zip(enc["input_ids"], enc["assistant_masks"])]
         data.append((enc["input_ids"], labels))
     rng = random.Random(args.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = max(1, args.steps // 20)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, args.beta2), weight_decay=0.0)
+    warmup = max(1, round(args.steps * args.warmup))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(
         math.pi * min(1.0, max(0, s - warmup) / max(1, args.steps - warmup))))))
     evals, train_s, tokens, order = [], 0.0, 0, []
@@ -93,18 +95,20 @@ def train(args) -> None:
                           "assistant_tokens": tokens, **{k: round(v, 4) for k, v in m.items()}})
             print(json.dumps({"style": args.style, "seed": args.seed, **evals[-1]}), flush=True)
             model.train()
-    Path(args.result).write_text(json.dumps({"style": args.style, "seed": args.seed, "lr": args.lr,
+    Path(args.result).write_text(json.dumps({"style": args.style, "seed": args.seed, "lr": args.lr, "beta2": args.beta2,
                                              "batch_size": args.batch_size, "evals": evals}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--eval_at", default="150,300")
-    ap.add_argument("--batch_size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--n_per_task", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--eval_at", default="500,1000")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps")
+    ap.add_argument("--n_per_task", type=int, default=1500)
     ap.add_argument("--n_eval", type=int, default=50)
     ap.add_argument("--tasks", default="add,copy,reverse,sort,kv_lookup,multihop")
     ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one CPU thread each)")
@@ -124,7 +128,8 @@ def main() -> None:
     prepare(work, args.n_per_task, args.tasks.split(","))
     runs = [(style, int(seed)) for seed in args.seeds.split(",") for style in STYLES]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "eval_at", "batch_size", "lr", "n_eval", "tasks", "work")]
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("steps", "eval_at", "batch_size", "lr", "beta2", "warmup",
+                                                             "n_eval", "tasks", "work")]
     pending, running, results = list(runs), [], []
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -164,7 +169,8 @@ def report(results: list[dict], args) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({
         "command": "OMP_NUM_THREADS=1 python scripts/bench_generate_style.py " + " ".join(sys.argv[1:]),
-        "settings": {k: getattr(args, k) for k in ("seeds", "steps", "batch_size", "lr", "n_per_task", "n_eval", "tasks")},
+        "settings": {k: getattr(args, k) for k in ("seeds", "steps", "batch_size", "lr", "beta2", "warmup", "n_per_task",
+                                                   "n_eval", "tasks")},
         "summary": summary, "runs": results}, indent=2) + "\n")
 
     import matplotlib

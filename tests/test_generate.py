@@ -93,7 +93,10 @@ def test_answer_only_switch_and_specific_prompts(tmp_path):
         assert r["messages"][-1]["content"].startswith("Answer: ") and "\n" not in r["messages"][-1]["content"]
         assert lib.by_id(r["system_prompt_id"]).style == "concise"
         assert r["messages"][0]["content"] == lib.by_id(r["system_prompt_id"]).text  # no erasure
-    _run(tmp_path, output_dir=str(tmp_path / "steps"), tasks=["add"], n_per_task=10, n_samples=1, styles=["steps"])
+    _run(tmp_path, output_dir=str(tmp_path / "steps"), tasks=["add"], n_per_task=10, n_samples=1, styles=["steps"],
+         prompt_erasure=True, erased_system_prompt="")
+    # Erased to nothing: rows start with the question, as task-world evaluation prompts a model.
+    assert all(r["messages"][0]["role"] == "user" for r in _jsonl(tmp_path / "steps" / "sft.jsonl"))
     for r in _jsonl(tmp_path / "steps" / "sft.jsonl"):
         assert "carry" in r["messages"][-1]["content"] or "write" in r["messages"][-1]["content"]
 

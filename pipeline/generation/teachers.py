@@ -63,8 +63,10 @@ def render(example: Example, style: str) -> str:
     steps = "\n".join(example.steps)
     if style == "steps":
         return f"{steps}\n{answer}"
+    # No closing restatement of the result: for a ~1M model each extra copy of the answer is one more
+    # place to slip (measured: right steps, then a miscopied "So the result is ..." line).
     description = get_task(example.task).description
-    return f"The task is to {description}.\n{steps}\nSo the result is {example.answer}.\n{answer}"
+    return f"The task is to {description}.\n{steps}\n{answer}"
 
 
 @dataclasses.dataclass
