@@ -54,6 +54,9 @@ class TrainArgs:
     num_attention_heads: int = 8
     num_key_value_heads: int = 8
     intermediate_size: int = 256
+    attention_bias: bool = dataclasses.field(
+        default=True, metadata={"help": "q/k/v/o biases: a content-independent query/key lets a RoPE head "
+                                        "attend to the previous token from the start (a previous-token head)."})
     vocab_size: int = 400
     stages: str = dataclasses.field(default="96:600,256:300,512:300,1024:300,2048:200",
                                     metadata={"help": "max_tokens:max_steps per curriculum stage"})
@@ -222,7 +225,7 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     base = build_base(args)
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa", attention_bias=args.attention_bias)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup_steps))
     state = {"step": 0, "stage": 0, "stage_step": 0, "elapsed_s": 0.0, "log": []}
