@@ -3,18 +3,25 @@
 With the tiny tokenizer the answer " 48213" is a pure induction target: each answer token's predecessor
 (" ", "4", "8", ...) occurs in the context only inside the needle, right before the token to emit. So
 the model needs an induction circuit (a previous-token head, then a head that attends to the token after
-an earlier copy of the current one; Olsson et al. 2022). Passkey answers alone give ~6 labels per row
-and the circuit did not form in ~900 steps; `copy_fraction` of the rows are therefore random token
-sequences repeated once (Olsson's recipe) with an LM loss on the repeat: every repeated token is an
-induction target, a dense signal that makes the circuit form within a few hundred steps.
+an earlier copy of the current one; Olsson et al. 2022). What made it form here (docs/kv.md has the run):
+  - q/k/v/o biases (`attention_bias`): a content-independent query and key let a RoPE head attend to the
+    previous token;
+  - keys of 4-10 distinct digits: every answer digit is a copy target with one source, so long keys
+    give more induction labels per row (eval uses 5 digits);
+  - short contexts first (48, 128 tokens: many rows per step), then 256 -> 2048.
+`copy_fraction` mixes in random token sequences repeated once with an LM loss on the repeat (Olsson's
+recipe). With head_dim 16 their loss stayed at ln(vocab) for 1100 steps while the digit copying only
+took off once they were removed, so the default is 0.
 
 Curriculum on context length: each stage samples lengths up to its cap and moves on once the
 teacher-forced exact-answer accuracy of the passkey rows over the last 20 batches reaches `advance_at`
-(or its step cap is spent). Every `probe_every` steps the log records per-digit answer accuracy, the
-best previous-token head and the best induction head (attention on a fixed repeated random sequence).
-Checkpoints every `save_every` steps and resumes from them.
+(or its step cap is spent). Every `probe_every` steps the log records the best previous-token head and
+the best induction head (attention on a fixed repeated random sequence); every 10 steps the per-digit
+answer accuracy. Checkpoints every `save_every` steps and resumes from them (a resumed run may change
+the data options, the batch and the learning rate).
 
-    OMP_NUM_THREADS=1 python scripts/train_retrieval_model.py   # the committed model; see docs/kv.md
+    OMP_NUM_THREADS=1 python scripts/train_retrieval_model.py --max_minutes 30   # then resume:
+    OMP_NUM_THREADS=1 python scripts/train_retrieval_model.py --lr 2e-3 --tokens_per_batch 12288
 """
 
 from __future__ import annotations
@@ -58,20 +65,20 @@ class TrainArgs:
         default=True, metadata={"help": "q/k/v/o biases: a content-independent query/key lets a RoPE head "
                                         "attend to the previous token from the start (a previous-token head)."})
     vocab_size: int = 400
-    stages: str = dataclasses.field(default="96:600,256:300,512:300,1024:300,2048:200",
+    stages: str = dataclasses.field(default="48:500,128:800,256:400,512:300,1024:400,2048:100",
                                     metadata={"help": "max_tokens:max_steps per curriculum stage"})
     advance_at: float = 0.9
     batch_size: int = 64
     tokens_per_batch: int = dataclasses.field(
         default=6144, metadata={"help": "Long stages shrink the batch to keep the tokens per step bounded."})
-    lr: float = 3e-3
+    lr: float = 5e-3
     warmup_steps: int = 50
     kv_haystack_fraction: float = 0.0
     copy_fraction: float = dataclasses.field(
-        default=0.5, metadata={"help": "Rows that are a random token sequence repeated once (LM loss on the repeat)."})
+        default=0.0, metadata={"help": "Rows that are a random token sequence repeated once (LM loss on the repeat)."})
     lm_weight: float = 1.0
-    min_key_digits: int = 3
-    max_key_digits: int = 8
+    min_key_digits: int = 4
+    max_key_digits: int = 10
     probe_every: int = 50
     max_minutes: float = 60.0
     save_every: int = 100

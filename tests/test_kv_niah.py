@@ -45,3 +45,27 @@ def test_cli_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pipeline.niah", "--config", "recipes/tiny/niah.yaml",
                            "--windw", "3"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "window" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_passkey_answer_is_an_induction_target():
+    """What the trainer relies on: with the committed tokenizer every answer token (" ", then one token per
+    digit) follows a token that occurs in the needle right before that same answer token, and the key's
+    digits occur nowhere else in the prompt."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from pipeline.tasks.needle import Passkey, prompt_of
+
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    ex = Passkey().make(random.Random(3), 300, 0.4)
+    prompt = tok(prompt_of(ex), add_special_tokens=False)["input_ids"]
+    answer = tok(" " + ex.answer, add_special_tokens=False)["input_ids"]
+    assert [tok.decode([t]) for t in answer] == [" "] + list(ex.answer)
+    context = prompt + answer
+    for i, t in enumerate(answer[1:], start=len(prompt) + 1):
+        prev = context[i - 1]
+        sources = [j for j in range(1, len(prompt)) if prompt[j - 1] == prev and prompt[j] == t]
+        assert len(sources) == 1, (tok.decode([prev]), tok.decode([t]))
+    digit_ids = set(answer[1:])
+    assert sum(t in digit_ids for t in prompt) == len(ex.answer)
