@@ -17,15 +17,17 @@ def test_trained_model_retrieves_passkeys_with_full_and_compressed_cache(tmp_pat
     from pipeline.niah import main
 
     metrics = main(["--config", str(ROOT / "recipes/tiny/niah.yaml"), "--output_dir", str(tmp_path),
-                    "--model_name_or_path", str(MODEL), "--registry", str(MODEL / "retrieval_heads_gate.json"),
-                    "--lengths", "[256]", "--depths", "[0.2, 0.8]", "--n_per_cell", "6"])
+                    "--model_name_or_path", str(MODEL), "--registry", str(MODEL / "retrieval_heads.json"),
+                    "--lengths", "[384]", "--depths", "[0.1, 0.5]", "--n_per_cell", "6"])
     result = json.loads((tmp_path / "stage_result.json").read_text())
     assert result["stage"] == "niah" and result["metrics"] == metrics
-    # The committed model finds 1-digit passkeys in 256-token haystacks ~80% of the time; chance is 10%.
-    assert metrics["niah_acc/full"] >= 0.5
-    assert metrics["kv_bytes_ratio@256/retrieval_heads"] < 0.5
-    # gate-selected heads beat a uniform window at the same bytes (local prefill, from the recipe)
-    assert metrics["niah_acc/retrieval_heads"] > metrics["niah_acc/uniform_window"]
+    # The committed model finds 5-digit passkeys in 256-512-token haystacks (1.0 over 72 prompts in the
+    # bench); chance is ~1e-5.
+    assert metrics["niah_acc/full"] >= 0.8
+    assert metrics["kv_bytes_ratio@384/retrieval_heads"] < 0.3
+    # Wu's top-4 heads kept whole retrieve; a uniform window with the same bytes misses the early needles.
+    assert metrics["niah_acc/retrieval_heads"] >= 0.8
+    assert metrics["niah_acc/retrieval_heads"] >= metrics["niah_acc/uniform_window"] + 0.3
     assert (tmp_path / "niah_retrieval_heads.png").stat().st_size > 0
 
 
