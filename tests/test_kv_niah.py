@@ -71,3 +71,54 @@ def test_passkey_answer_is_an_induction_target():
         assert len(sources) == 1, (tok.decode([prev]), tok.decode([t]))
     digit_ids = set(answer[1:])
     assert sum(t in digit_ids for t in prompt) == len(ex.answer)
+
+
+def _trainer():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_retrieval_model", ROOT / "scripts/train_retrieval_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_trainer_rows_and_metrics():
+    """Training rows fit their stage, copy rows repeat their first half with the LM loss on the repeat
+    only, and the accuracy / head probes measure what they claim."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tr = _trainer()
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    sampler = tr.Sampler(tok, 0, tr.TrainArgs(copy_fraction=0.5, min_key_digits=5, max_key_digits=5))
+    ids, mask, labels, lm_mask = sampler.batch(128, 16, tok.pad_token_id)
+    n_copy = 0
+    for row_ids, row_mask, row_labels, row_lm in zip(ids, mask, labels, lm_mask):
+        n = int(row_mask.sum())
+        assert n <= 128 + 40
+        if row_lm.any():  # copy row: second half == first half, loss from the 2nd repeated token on
+            n_copy += 1
+            h = n // 2
+            assert torch.equal(row_ids[:h], row_ids[h:n]) and (row_labels == -100).all()
+            assert row_lm.nonzero().flatten().tolist() == list(range(h + 1, n))
+        else:  # passkey row: labels = " " + 5 digits + eos at the end of the row
+            answer = row_labels[row_labels != -100]
+            assert len(answer) == 7 and answer[-1] == tok.eos_token_id
+    assert 0 < n_copy < 16
+
+    # teacher-forced accuracy: exact answer and per digit (the answer's leading space is skipped)
+    labels = torch.full((2, 6), -100)
+    labels[:, 2:5] = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    logits = torch.zeros(2, 6, 10)
+    for row, preds in enumerate(([5, 6, 7], [5, 9, 7])):
+        for i, p in enumerate(preds):
+            logits[row, 1 + i, p] = 1.0
+    acc, per_digit = tr.answer_accuracy(logits, labels)
+    assert acc == 0.5 and per_digit == [0.5, 1.0]
+
+    # the committed model has a previous-token head before the induction heads (L1 H4: 0.65 on the probe)
+    model = AutoModelForCausalLM.from_pretrained(MODEL).eval()
+    probe = tr.probe_heads(model, sampler.pool)
+    assert probe["prev"]["score"] > 0.3 and probe["prev"]["layer"] < 3
+    assert model.config._attn_implementation == "sdpa"
