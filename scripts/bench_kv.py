@@ -61,6 +61,8 @@ class BenchArgs:
     gate_steps: int = 80
     gate_l1: float = 0.05
     ablation_k: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
+    ablation_flagged: int = dataclasses.field(
+        default=8, metadata={"help": "A second random column draws outside the top-N of both Wu and the gate."})
     budgets: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
     speed_lengths: list[int] = dataclasses.field(default_factory=lambda: [256, 512, 1024, 2048])
     speed_new_tokens: int = 32
@@ -196,14 +198,21 @@ def main(argv=None):
         for name in ("wu", "gate"):
             with masked_heads(model, query_heads_of(rank[name][:k], groups)):
                 row[f"top_{name}"] = acc(model, tok, T, n, S)
-        rand = []
-        for s in range(S):
-            heads = random_heads(L, H, k, seed=s, exclude=rank["wu"][:k])
-            with masked_heads(model, query_heads_of(heads, groups)):
-                rand.append(acc(model, tok, T, n, 1, first_seed=s)["mean"])
-        row["random"] = {"mean": statistics.mean(rand), "per_seed": rand, "std": statistics.stdev(rand)}
-        logger.info("ablation k=%d: top-wu %.3f top-gate %.3f random %.3f", k, row["top_wu"]["mean"],
-                    row["top_gate"]["mean"], row["random"]["mean"])
+        # k random heads outside Wu's top-k (the baseline), and outside the top-N of both methods
+        # (are the heads neither method flags safe to mask?)
+        flagged = set(rank["wu"][:args.ablation_flagged]) | set(rank["gate"][:args.ablation_flagged])
+        for col, exclude in (("random", rank["wu"][:k]), ("random_unflagged", sorted(flagged))):
+            rand, draws = [], []
+            for s in range(S):
+                heads = random_heads(L, H, k, seed=s, exclude=exclude)
+                with masked_heads(model, query_heads_of(heads, groups)):
+                    rand.append(acc(model, tok, T, n, 1, first_seed=s)["mean"])
+                draws.append(heads)
+            row[col] = {"mean": statistics.mean(rand), "per_seed": rand, "std": statistics.stdev(rand),
+                        "heads": draws}
+        logger.info("ablation k=%d: top-wu %.3f top-gate %.3f random %.3f random outside both top-%d %.3f", k,
+                    row["top_wu"]["mean"], row["top_gate"]["mean"], row["random"]["mean"], args.ablation_flagged,
+                    row["random_unflagged"]["mean"])
         abl.append(row)
     result["ablation"] = abl
 
@@ -298,8 +307,9 @@ def plot(r, path):
         fig.colorbar(im, ax=ax)
     ax = axes[0, 2]
     ks = [a["k"] for a in r["ablation"]]
-    for i, (key, label) in enumerate((("top_wu", "top-k Wu"), ("top_gate", "top-k gate"), ("random", "k random"))):
-        ax.bar([x + 0.27 * (i - 1) for x in range(len(ks))], [a[key]["mean"] for a in r["ablation"]], 0.27,
+    for i, (key, label) in enumerate((("top_wu", "top-k Wu"), ("top_gate", "top-k gate"), ("random", "k random"),
+                                      ("random_unflagged", "k random, unflagged"))):
+        ax.bar([x + 0.2 * (i - 1.5) for x in range(len(ks))], [a[key]["mean"] for a in r["ablation"]], 0.2,
                yerr=[a[key]["std"] for a in r["ablation"]], label=label)
     ax.axhline(r["full_cache"]["passkey"]["mean"], color="k", ls="--", lw=1, label="no masking")
     ax.set(xticks=range(len(ks)), xticklabels=[f"k={k}" for k in ks], ylim=(0, 1.05),
