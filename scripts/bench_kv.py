@@ -340,7 +340,8 @@ def plot(r, path):
     ax.legend(fontsize=7, loc="upper left")
     ax2.legend(fontsize=7, loc="lower left")
     g = r["niah_grid"]
-    for ax, (name, grid) in zip((axes[2, 0], axes[2, 1]), list(g["grids"].items())[1:]):
+    shown = [(n, grid) for prefix in ("wu", "uniform") for n, grid in g["grids"].items() if n.startswith(prefix)]
+    for ax, (name, grid) in zip((axes[2, 0], axes[2, 1]), shown):
         ax.imshow([[grid[i][j] for i in range(len(g["lengths"]))] for j in range(len(g["depths"]))], cmap="RdYlGn",
                   vmin=0, vmax=1, aspect="auto")
         ax.set(xticks=range(len(g["lengths"])), xticklabels=g["lengths"], yticks=range(len(g["depths"])),
