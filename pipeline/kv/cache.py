@@ -214,12 +214,16 @@ def _query_heads(kv_heads: tuple[int, ...], groups: int, device) -> torch.Tensor
 
 
 def _sdpa(query, key, value, mask, groups: int, scaling) -> torch.Tensor:
-    if groups > 1:
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    # enable_gqa: SDPA broadcasts a KV head over its query group without copying K/V (repeat_interleave
+    # would copy the whole cache every decode step). A decode step's all-true mask is dropped so SDPA
+    # can take its unmasked kernel.
+    if mask is not None and query.shape[-2] == 1 and bool(mask.all()):
+        mask = None
     if mask is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scaling)
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scaling,
+                                             enable_gqa=groups > 1)
     else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling)
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
     return out.transpose(1, 2).contiguous()
 
 
