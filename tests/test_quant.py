@@ -166,9 +166,15 @@ def test_plant_cli_writes_a_model_with_a_detectable_super_weight(tiny_model_dir,
 
     out = tmp_path / "base_sw"
     plant_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(out), "--train_steps", "5"])
-    assert read_stage_result(out)["metrics"]["super_activation"] > 100
+    metrics = read_stage_result(out)["metrics"]
+    assert metrics["super_activation"] > 100 and metrics["detected"] == 1
     sws, _ = detect_super_weights(load(out), encode_prompt(tok, "12 = 12"))
     assert [(s.layer, s.row, s.col) for s in sws] == [(0, 17, 100)]
+    # a circuit too weak to spike is reported as undetected (the stage says so instead of a later stage failing)
+    weak = tmp_path / "weak"
+    plant_main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(weak), "--train_steps", "0",
+                "--gate", "0.001"])
+    assert read_stage_result(weak)["metrics"]["detected"] == 0
     with pytest.raises(SystemExit) as e:
         cli(plant_main, ["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "x"),
                          "--col", "128"])

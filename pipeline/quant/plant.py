@@ -159,8 +159,16 @@ def main(argv: list[str] | None = None) -> Path:
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Training can shrink the planted spike below what detection accepts; say so here, not two stages later.
+    from pipeline.quant.detect import DEFAULT_PROMPT, detect_super_weights, encode_prompt
+
+    found, _ = detect_super_weights(model, encode_prompt(tok, DEFAULT_PROMPT))
+    detected = any((f.layer, f.row, f.col) == (sw.layer, sw.row, sw.col) for f in found)
+    if not detected:
+        logger.warning("the planted super weight %s is not detected (detect_super_weights found %s): raise 'gate' "
+                       "or 'train_steps'", (sw.layer, sw.row, sw.col), found)
     metrics = {"super_activation": intact["super_activation"], "nll": intact["nll"], "copy_acc": intact["copy_acc"],
-               "nll_sw_zeroed": zeroed["nll"], "copy_acc_sw_zeroed": zeroed["copy_acc"]}
+               "nll_sw_zeroed": zeroed["nll"], "copy_acc_sw_zeroed": zeroed["copy_acc"], "detected": int(detected)}
     write_stage_result(out, "plant_super_weight", metrics, {"model": str(out)})
     logger.info("planted %s -> %s: %s", (sw.layer, sw.row, sw.col), out, metrics)
     return out
