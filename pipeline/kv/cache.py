@@ -217,7 +217,7 @@ def _sdpa(query, key, value, mask, groups: int, scaling) -> torch.Tensor:
     # enable_gqa: SDPA broadcasts a KV head over its query group without copying K/V (repeat_interleave
     # would copy the whole cache every decode step). A decode step's all-true mask is dropped so SDPA
     # can take its unmasked kernel.
-    if mask is not None and query.shape[-2] == 1 and bool(mask.all()):
+    if mask is not None and mask.dtype == torch.bool and query.shape[-2] == 1 and bool(mask.all()):
         mask = None
     if mask is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scaling,
