@@ -80,7 +80,8 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
         lines.append(f"long context: tiled MLP {'on' if lc_args.tiled_mlp else 'off'} "
                      f"({lc_args.tiled_mlp_tile_tokens}-token tiles), loss chunks {lc_args.tiled_loss_tokens}, "
                      f"padding-free {packing}, sequence parallel {lc_args.sequence_parallel_size}, "
-                     f"checkpoint offload {'on' if lc_args.checkpoint_offload else 'off'}")
+                     f"checkpoint offload {'on' if lc_args.checkpoint_offload else 'off'}, optimizer state "
+                     f"{'sharded over DDP processes' if lc_args.shard_optimizer_state else 'whole in every process'}")
     if data_args.accelerate_config:
         lines.append(f"launch:       accelerate launch --config_file {data_args.accelerate_config} "
                      f"pipeline/{stage}.py --config {source}")

@@ -61,6 +61,8 @@ class BenchArgs:
     gate_steps: int = 80
     gate_l1: float = 0.05
     ablation_k: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4])
+    random_draws: int = dataclasses.field(
+        default=0, metadata={"help": "Random head sets drawn per k (draw i scored on eval seed i % seeds); 0 = seeds."})
     ablation_flagged: int = dataclasses.field(
         default=8, metadata={"help": "A second random column draws outside the top-N of both Wu and the gate."})
     budgets: list[int] = dataclasses.field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
@@ -203,10 +205,10 @@ def main(argv=None):
         flagged = set(rank["wu"][:args.ablation_flagged]) | set(rank["gate"][:args.ablation_flagged])
         for col, exclude in (("random", rank["wu"][:k]), ("random_unflagged", sorted(flagged))):
             rand, draws = [], []
-            for s in range(S):
+            for s in range(args.random_draws or S):
                 heads = random_heads(L, H, k, seed=s, exclude=exclude)
                 with masked_heads(model, query_heads_of(heads, groups)):
-                    rand.append(acc(model, tok, T, n, 1, first_seed=s)["mean"])
+                    rand.append(acc(model, tok, T, n, 1, first_seed=s % S)["mean"])
                 draws.append(heads)
             row[col] = {"mean": statistics.mean(rand), "per_seed": rand, "std": statistics.stdev(rand),
                         "heads": draws}

@@ -4,9 +4,10 @@
     python scripts/bench_longctx.py --device cuda --preset llama8b-4l --lengths 16384 32768 65536 131072 \
         --cap-gb 80 --out benchmarks/longctx_h100
 
-Every configuration runs in its own child process (2 optimizer steps on a model built from a config: no download),
-which reports its peak memory (CPU: peak RSS of the process; CUDA: torch.cuda.max_memory_allocated) and the time of
-the second step. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
+Every configuration runs in its own child process (`--steps` optimizer steps, default 2, on a model built from a
+config: no download), which reports its peak memory (CPU: peak RSS of the process; CUDA:
+torch.cuda.max_memory_allocated) and the median time of the steps after the first; the modes run interleaved per
+length. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
 LM head, padded rows); "ours" adds the long-context switches (tiled MLP and tiled loss in chunks of --tile-tokens
 instead of TRL's 32768 tokens, padding-free rows incl. DPO); "ours_offload" also offloads the
 activation checkpoints to host memory (CUDA only); "ours_sp2" shards every sequence over 2 processes (torchrun;
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -72,15 +74,16 @@ def child(spec: dict) -> dict:
     digits = lambda n: "".join(map(str, torch.randint(0, 10, (n,), generator=rng).tolist()))  # noqa: E731
     half = spec["length"] // 2
     stage, mode = spec["stage"], spec["mode"]
-    common = dict(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_batch_size=1, learning_rate=1e-5,
+    common = dict(output_dir=tempfile.mkdtemp(), max_steps=spec.get("steps", 2), per_device_train_batch_size=1,
+                  learning_rate=1e-5,
                   logging_steps=1, save_strategy="no", report_to="none", max_length=None, bf16=cuda, use_cpu=not cuda,
                   padding_free=mode != "trl", disable_tqdm=True, dataloader_num_workers=0)
     if stage == "sft":
-        rows = [{"prompt": digits(half), "completion": digits(spec["length"] - half - 1)} for _ in range(2)]
+        rows = [{"prompt": digits(half), "completion": digits(spec["length"] - half - 1)} for _ in range(common["max_steps"])]
         args, cls, extra = SFTConfig(**common), SFTTrainer, {}
     else:
         rows = [{"prompt": digits(half), "chosen": digits(spec["length"] - half - 1),
-                 "rejected": digits(spec["length"] - half - 1)} for _ in range(2)]
+                 "rejected": digits(spec["length"] - half - 1)} for _ in range(common["max_steps"])]
         args, cls, extra = DPOConfig(**common), DPOTrainer, {"ref_model": model()}
     if mode != "trl":
         cls = long_context_trainer(cls, LongContextArguments(tiled_mlp_tile_tokens=spec["tile_tokens"],
@@ -109,8 +112,10 @@ def child(spec: dict) -> dict:
     trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     tokens = spec["length"] * (1 if stage == "sft" else 2)  # DPO: chosen + rejected
-    return {**spec, "peak_gb": peak / 2**30, "step_s": times[-1], "tokens_per_s": tokens / times[-1],
-            "steps": len(times), "world_size": trainer.args.world_size}
+    step_s = statistics.median(times[1:])  # the first step also builds the optimizer state and warms up
+    return {**spec, "peak_gb": peak / 2**30, "step_s": step_s, "tokens_per_s": tokens / step_s,
+            "steps": len(times), "step_times": times, "world_size": trainer.args.world_size,
+            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__}
 
 
 def saved_activations(spec: dict) -> dict:
@@ -245,6 +250,8 @@ def main() -> None:
                    help="tokens per tiled-MLP tile and per tiled-loss chunk; default: the hidden size (ALST's rule)")
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap for the longest-sequence estimate")
     p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
+    p.add_argument("--steps", type=int, default=2,
+                   help="optimizer steps per configuration; step time = median of all but the first")
     p.add_argument("--out", default="benchmarks/longctx")
     p.add_argument("--glibc-malloc", action="store_true",
                    help="keep glibc's default (dynamic) mmap threshold: peak RSS then also counts freed blocks "
@@ -294,10 +301,10 @@ def main() -> None:
                           "results": results})
         return
     for stage in a.stages:
-        for mode in a.modes:
-            for length in a.lengths:
+        for length in a.lengths:
+            for mode in a.modes:  # modes interleaved per length: a change in the machine's load hits them alike
                 spec = dict(stage=stage, mode=mode, length=length, device=a.device, preset=preset, tile_tokens=tile,
-                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1)
+                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1, steps=a.steps)
                 r = run_config(spec, a.timeout, a.glibc_malloc)
                 r.pop("tokenizer", None)
                 results.append(r)

@@ -83,6 +83,12 @@ class TrainArgs:
     max_minutes: float = 60.0
     save_every: int = 100
     seed: int = 0
+    head_dropout: float = dataclasses.field(
+        default=0.0, metadata={"help": "Per row, mask each query head with this probability (uniform attention, "
+                                       "the ablation's own masking): heads the circuit needs get understudies, as "
+                                       "in a large model, so masking a random head costs little (DropHead)."})
+    init_from: str = dataclasses.field(
+        default="", metadata={"help": "Start from this trained model (its tokenizer too) instead of a fresh one."})
 
     def stage_list(self) -> list[tuple[int, int]]:
         try:
@@ -97,6 +103,10 @@ def build_base(args: TrainArgs) -> Path:
     """Untrained model + a tokenizer trained on task text (small vocab: filler words become single tokens)."""
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    if args.init_from:
+        if not (Path(args.init_from) / "config.json").exists():
+            raise RecipeError(f"key 'init_from': no model at {args.init_from}")
+        return Path(args.init_from)
     corpus = work / "corpus.txt"
     if not corpus.exists():
         rng = random.Random(0)
@@ -176,6 +186,21 @@ class Sampler:
         return ids, mask, labels, lm_mask
 
 
+def head_dropout_hooks(model, p: float, generator: torch.Generator):
+    """Zero the query of each (row, head) with probability p: the same uniform attention `masked_heads`
+    applies at ablation time, drawn afresh every forward. Returns the hook handles."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+
+    def hook(module, _inputs, output):
+        if not module.training:  # the head probe runs in eval mode
+            return output
+        keep = (torch.rand(output.shape[0], 1, heads, 1, generator=generator) >= p).to(output.dtype)
+        return (output.unflatten(-1, (heads, d)) * keep).flatten(-2)
+    return [layer.self_attn.q_proj.register_forward_hook(hook) for layer in model.model.layers]
+
+
 def loss_fn(logits, ids, labels, lm_mask, lm_weight: float):
     """Answer-token CE (labels at target positions, shifted here) + `lm_weight` x LM CE on the repeats.
     Returns (loss, copy-row LM loss)."""
@@ -210,10 +235,13 @@ def probe_heads(model, pool: list[int], n: int = 4, half: int = 48) -> dict:
     seq = torch.tensor(pool)[torch.randint(len(pool), (n, half), generator=g)]
     ids = torch.cat([seq, seq], 1)
     model.config._attn_implementation = "eager"
+    was_training = model.training
+    model.eval()
     try:
         att = torch.stack(model(input_ids=ids, output_attentions=True).attentions)  # [L, B, H, T, T]
     finally:
         model.config._attn_implementation = "sdpa"
+        model.train(was_training)
     t = torch.arange(1, 2 * half)
     prev = att[..., t, t - 1].mean((1, 3))  # [L, H]
     q = torch.arange(half + 1, 2 * half)
@@ -246,6 +274,8 @@ def main(argv=None):
         sched.base_lrs = [args.lr] * len(opt.param_groups)  # a resumed run may change the learning rate
         logger.info("resumed at step %d (stage %d)", state["step"], state["stage"])
     sampler = Sampler(tok, args.seed * 1000 + state["step"], args)
+    drop_hooks = head_dropout_hooks(model, args.head_dropout, torch.Generator().manual_seed(
+        args.seed * 1000 + state["step"])) if args.head_dropout > 0 else []
     logger.info("model %.2fM params, vocab %d, %.2f tokens/filler word", sum(p.numel() for p in model.parameters()) / 1e6,
                 len(tok), sampler.tokens_per_word)
 
@@ -294,6 +324,8 @@ def main(argv=None):
         if state["step"] % args.save_every == 0:
             save()
     save()
+    for hnd in drop_hooks:
+        hnd.remove()
 
     # Final weights + tokenizer + log, written atomically next to each other.
     out_dir = Path(args.output_dir)

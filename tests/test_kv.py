@@ -187,3 +187,17 @@ def test_cache_without_headwise_attention_fails_clearly():
     model = _model()
     with pytest.raises(TypeError, match="use_headwise_attention"):
         model(torch.randint(3, 64, (1, 8)), past_key_values=HeadKVCache(model.config, [[0], [1]], 1, 2))
+
+
+def test_decode_mask_is_dropped_once_per_step_only_without_padding():
+    """A decode step without padding gets no mask at all (no layer reads mask values: no host sync per layer on
+    a GPU); with padding, and in the prefill, the boolean mask is kept."""
+    from pipeline.kv.cache import _bool_mask
+
+    pad = torch.ones(2, 9, dtype=torch.bool)
+    assert _bool_mask(batch_size=2, q_length=1, kv_length=9, attention_mask=pad) is None
+    pad[0, 0] = False
+    decode = _bool_mask(batch_size=2, q_length=1, kv_length=9, attention_mask=pad)
+    assert decode.dtype == torch.bool and decode.shape == (2, 1, 1, 9) and not decode[0, 0, 0, 0]
+    prefill = _bool_mask(batch_size=1, q_length=9, kv_length=9, attention_mask=None)
+    assert prefill.shape == (1, 1, 9, 9) and torch.equal(prefill[0, 0], torch.ones(9, 9, dtype=torch.bool).tril())

@@ -80,9 +80,11 @@ def _model_level(model_dir):
 
 
 def _trainer_level(model_dir, out):
-    """Two optimizer steps of the stages' trainers: SP=2 (+ tiled MLP, packing) logs the losses of plain DDP."""
+    """Three optimizer steps of the stages' trainers: SP=2 (+ tiled MLP, packing, ZeRO-1) logs the losses of plain DDP,
+    and resumes from its checkpoint."""
     import torch
     from datasets import Dataset
+    from torch.distributed.optim import ZeroRedundancyOptimizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
@@ -99,30 +101,43 @@ def _trainer_level(model_dir, out):
     pairs = [{"prompt": [{"role": "user", "content": "the answer is " * (2 + i) + f"{i}?"}],
               "chosen": [{"role": "assistant", "content": f"it is {i * 7}" + " yes" * (i % 3)}],
               "rejected": [{"role": "assistant", "content": f"no {i}" + " so" * (3 - i % 3)}]} for i in range(8)]
-    common = dict(report_to="none", bf16=False, use_cpu=True, max_steps=2, logging_steps=1, learning_rate=1e-3,
+    common = dict(report_to="none", bf16=False, use_cpu=True, max_steps=3, logging_steps=1, learning_rate=1e-3,
                   per_device_train_batch_size=2, save_strategy="no", gradient_checkpointing=True, seed=0,
                   max_length=None)
     checked = []
     for stage, config_cls, trainer_cls, data in (("sft", SFTConfig, SFTTrainer, chats),
                                                  ("dpo", DPOConfig, DPOTrainer, pairs)):
         losses = {}
-        for mode in ("ddp", "sp"):
-            lc = LongContextArguments(sequence_parallel_size=2, tiled_mlp_tile_tokens=16) if mode == "sp" else None
-            args = config_cls(output_dir=str(out / f"{stage}-{mode}"), padding_free=mode == "sp", **common)
+        for mode in ("ddp", "sp", "sp/resumed"):
+            lc = LongContextArguments(sequence_parallel_size=2, tiled_mlp_tile_tokens=16) if mode != "ddp" else None
+            # ours saves a checkpoint every step (the sharded optimizer state is gathered for it); the run resumed
+            # from step 1's must log step 3's loss, which depends on the restored AdamW state through step 2
+            saving = dict(save_strategy="steps", save_steps=1) if mode == "sp" else {}
+            args = config_cls(output_dir=str(out / f"{stage}-{mode.split('/')[0]}"), padding_free=mode != "ddp",
+                              **{**common, **saving})
             cls = long_context_trainer(trainer_cls, lc) if lc else trainer_cls
             trainer = cls(model=AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"),
                           args=args, train_dataset=Dataset.from_list(data),
                           processing_class=AutoTokenizer.from_pretrained(model_dir))
             assert trainer.args.world_size == 2
             all_to_alls.clear()
-            trainer.train()
-            assert bool(all_to_alls) == (mode == "sp"), (mode, len(all_to_alls))
-            # ours: DDP's gradients are views of its buckets (one gradient copy less); the step-2 loss below
-            # shows the optimizer still sees the right gradients
-            assert trainer.model_wrapped.gradient_as_bucket_view == (mode == "sp")
+            trainer.train(resume_from_checkpoint=str(out / f"{stage}-sp" / "checkpoint-1") if mode == "sp/resumed"
+                          else None)
+            assert bool(all_to_alls) == (mode != "ddp"), (mode, len(all_to_alls))
+            # ours: DDP's gradients are views of its buckets (one gradient copy less) and the optimizer state is
+            # sharded (ZeRO-1); the later losses below show the optimizer still sees the right gradients
+            assert trainer.model_wrapped.gradient_as_bucket_view == (mode != "ddp")
+            assert isinstance(trainer.optimizer.optimizer, ZeroRedundancyOptimizer) == (mode != "ddp")
             losses[mode] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        assert len(losses["sp"]) == 2, losses
+            if mode == "sp":
+                saved = torch.load(out / f"{stage}-sp" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+                trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+                assert len(saved["state"]) == len(trainable)  # every rank's shard is in the checkpoint
+                local = trainer.optimizer.optimizer.optim.state  # this rank's shard only
+                assert 0 < len(local) < len(trainable), (len(local), len(trainable))
+        assert len(losses["sp"]) == 3 and len(losses["sp/resumed"]) == 3, losses  # step 1's comes from the checkpoint
         torch.testing.assert_close(torch.tensor(losses["sp"]), torch.tensor(losses["ddp"]), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(losses["sp/resumed"][1:], losses["sp"][1:], atol=1e-5, rtol=1e-5)
         checked.append(f"trainer/{stage}")
     return checked
 

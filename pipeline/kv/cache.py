@@ -191,18 +191,19 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     kv = key
     b, n_q_heads, q_len, d = query.shape
     kv_len = kv.full_k.shape[-2]
-    mask = attention_mask if attention_mask is not None else torch.ones(
-        (b, 1, q_len, kv_len), dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    mask = attention_mask  # None only for a decode step without padding (see `_bool_mask`): nothing to mask
+    if mask is None and q_len > 1:
+        mask = torch.ones((b, 1, q_len, kv_len), dtype=torch.bool, device=query.device).tril(kv_len - q_len)
     out = query.new_empty((b, n_q_heads, q_len, d))
     if kv.full_heads:
         qidx = _query_heads(kv.full_heads, groups, query.device)
         out[:, qidx] = _sdpa(query[:, qidx], kv.full_k, kv.full_v, mask, groups, scaling).transpose(1, 2)
     if kv.stream_heads:
-        smask = mask[..., kv.stream_pos]
+        smask = None if mask is None else mask[..., kv.stream_pos]
         if kv.local:  # every query sees only the sinks and its own recent window
             q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
             near = (q_pos - kv.stream_pos[None, :] < kv.window) | (kv.stream_pos[None, :] < kv.sink)
-            smask = smask & near
+            smask = near[None, None] if smask is None else smask & near
         qidx = _query_heads(kv.stream_heads, groups, query.device)
         out[:, qidx] = _sdpa(query[:, qidx], kv.stream_k, kv.stream_v, smask, groups, scaling).transpose(1, 2)
     return out.transpose(1, 2).contiguous(), None
@@ -215,10 +216,7 @@ def _query_heads(kv_heads: tuple[int, ...], groups: int, device) -> torch.Tensor
 
 def _sdpa(query, key, value, mask, groups: int, scaling) -> torch.Tensor:
     # enable_gqa: SDPA broadcasts a KV head over its query group without copying K/V (repeat_interleave
-    # would copy the whole cache every decode step). A decode step's all-true mask is dropped so SDPA
-    # can take its unmasked kernel.
-    if mask is not None and mask.dtype == torch.bool and query.shape[-2] == 1 and bool(mask.all()):
-        mask = None
+    # would copy the whole cache every decode step).
     if mask is None:
         out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scaling,
                                              enable_gqa=groups > 1)
@@ -228,8 +226,11 @@ def _sdpa(query, key, value, mask, groups: int, scaling) -> torch.Tensor:
 
 
 def _bool_mask(*args, **kwargs):
-    # Always a boolean [B, 1, q, kv] mask: the streaming heads slice its columns.
-    kwargs["allow_is_causal_skip"] = False
+    # A boolean [B, 1, q, kv] mask (the streaming heads slice its columns), except for a decode step without
+    # padding: there transformers' own once-per-step check returns None, so no layer has to look at a mask
+    # (reading a GPU mask's values per layer would stall the host every step).
+    q_length = kwargs["q_length"] if "q_length" in kwargs else args[1]
+    kwargs["allow_is_causal_skip"] = q_length == 1
     return sdpa_mask(*args, **kwargs)
 
 

@@ -7,6 +7,8 @@ import logging
 
 import torch
 import trl.trainer.utils as trl_utils
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from transformers import TrainerCallback
 
 from pipeline.longctx.fused_forward import wrap_fused_forward
 from pipeline.longctx.tiled_mlp import patch_tiled_mlp
@@ -40,6 +42,13 @@ class LongContextArguments:
         metadata={"help": "Shard every sequence across this many processes (Ulysses all-to-all attention on "
                   "torch.distributed, SDPA kernels). Must divide the world size and the (KV) head counts."})
 
+    shard_optimizer_state: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "With DDP over several processes, each keeps the optimizer state (AdamW: 2 floats per "
+                  "parameter) of only 1/world of the parameters (ZeRO stage 1 with torch's "
+                  "ZeroRedundancyOptimizer; exact). The state is gathered to rank 0 for checkpoints. No effect on "
+                  "one process or under DeepSpeed/FSDP, which shard on their own."})
+
     def __post_init__(self):
         if self.tiled_mlp_tile_tokens < 1:
             raise ValueError("key 'tiled_mlp_tile_tokens' must be >= 1")
@@ -53,6 +62,27 @@ def _base(model):
     while hasattr(model, "module"):  # DDP / DeepSpeed engine
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+class ShardedOptimizer(ZeroRedundancyOptimizer):
+    """ZeRO-1 for DDP runs. accelerate's `prepare` round-trips `state_dict()` on every rank to place the state on the
+    device; before the first step there is nothing to gather, so answer with the (empty) global state."""
+
+    def state_dict(self):
+        if not self.optim.state:
+            return torch.optim.Optimizer.state_dict(self)
+        return super().state_dict()
+
+
+class _ConsolidateOptimizerState(TrainerCallback):
+    """Before a checkpoint, gather the sharded optimizer state to rank 0, which writes it (every rank must call)."""
+
+    def __init__(self, optimizer: ZeroRedundancyOptimizer):
+        self.optimizer = optimizer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if control.should_save:
+            self.optimizer.consolidate_state_dict(to=0)
 
 
 def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
@@ -100,6 +130,27 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
                 if self._pack or sp > 1:
                     wrap_fused_forward(base, pack=self._pack, sp_group=self._sp_group,
                                        sp_active=lambda: self._sp_on)
+
+        def create_optimizer(self, model=None):
+            built = self.optimizer is not None
+            optimizer = super().create_optimizer(model)
+            multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            if (built or not lc_args.shard_optimizer_state or not multi or self.is_deepspeed_enabled
+                    or self.is_fsdp_enabled):
+                return optimizer
+            cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
+                self.args, self.model if model is None else model)
+            if type(optimizer) is not cls or not cls.__module__.startswith("torch.optim") or \
+                    {"params", "model", "optimizer_dict"} & set(kwargs):
+                logger.warning("shard_optimizer_state: %s is not a plain torch.optim optimizer; kept unsharded",
+                               type(optimizer).__name__)
+                return optimizer
+            # Same class, arguments and param groups (the trainer's weight-decay split); the state of each
+            # parameter lives on one rank, which broadcasts the updated parameter after the step.
+            self.optimizer = ShardedOptimizer([dict(g) for g in optimizer.param_groups],
+                                                     optimizer_class=cls, **kwargs)
+            self.add_callback(_ConsolidateOptimizerState(self.optimizer))
+            return self.optimizer
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._sp_group is None:
