@@ -147,8 +147,8 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
                 return optimizer
             # Same class, arguments and param groups (the trainer's weight-decay split); the state of each
             # parameter lives on one rank, which broadcasts the updated parameter after the step.
-            self.optimizer = ShardedOptimizer([dict(g) for g in optimizer.param_groups],
-                                                     optimizer_class=cls, **kwargs)
+            self.optimizer = ShardedOptimizer([dict(g) for g in optimizer.param_groups], optimizer_class=cls,
+                                              **kwargs)
             self.add_callback(_ConsolidateOptimizerState(self.optimizer))
             return self.optimizer
 
