@@ -145,6 +145,9 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
                 logger.warning("shard_optimizer_state: %s is not a plain torch.optim optimizer; kept unsharded",
                                type(optimizer).__name__)
                 return optimizer
+            if self.args.save_on_each_node:  # the state can be gathered to one rank only, not to one per node
+                logger.warning("shard_optimizer_state: save_on_each_node is set; optimizer state kept unsharded")
+                return optimizer
             # Same class, arguments and param groups (the trainer's weight-decay split); the state of each
             # parameter lives on one rank, which broadcasts the updated parameter after the step.
             self.optimizer = ShardedOptimizer([dict(g) for g in optimizer.param_groups], optimizer_class=cls,
