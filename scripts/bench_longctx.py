@@ -75,11 +75,11 @@ def child(spec: dict) -> dict:
     half = spec["length"] // 2
     stage, mode = spec["stage"], spec["mode"]
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=spec.get("steps", 2), per_device_train_batch_size=1,
-                  learning_rate=1e-5,
-                  logging_steps=1, save_strategy="no", report_to="none", max_length=None, bf16=cuda, use_cpu=not cuda,
-                  padding_free=mode != "trl", disable_tqdm=True, dataloader_num_workers=0)
+                  learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", max_length=None,
+                  bf16=cuda, use_cpu=not cuda, padding_free=mode != "trl", disable_tqdm=True, dataloader_num_workers=0)
     if stage == "sft":
-        rows = [{"prompt": digits(half), "completion": digits(spec["length"] - half - 1)} for _ in range(common["max_steps"])]
+        rows = [{"prompt": digits(half), "completion": digits(spec["length"] - half - 1)}
+                for _ in range(common["max_steps"])]
         args, cls, extra = SFTConfig(**common), SFTTrainer, {}
     else:
         rows = [{"prompt": digits(half), "chosen": digits(spec["length"] - half - 1),

@@ -90,6 +90,10 @@ class TrainArgs:
     init_from: str = dataclasses.field(
         default="", metadata={"help": "Start from this trained model (its tokenizer too) instead of a fresh one."})
 
+    def __post_init__(self):
+        if not 0.0 <= self.head_dropout < 1.0:
+            raise RecipeError(f"key 'head_dropout': expected a probability in [0, 1), got {self.head_dropout}")
+
     def stage_list(self) -> list[tuple[int, int]]:
         try:
             out = [tuple(int(x) for x in s.split(":")) for s in self.stages.split(",")]

@@ -189,3 +189,10 @@ def test_head_dropout_model_ablation():
         heads = random_heads(4, 8, 2, seed=seed, exclude=top2)
         assert (0, 1) not in heads
         assert acc(heads) >= full - 0.2, heads
+
+
+def test_head_dropout_must_be_a_probability():
+    tr = _trainer()
+    with pytest.raises(RecipeError, match="head_dropout"):
+        tr.TrainArgs(head_dropout=1.0)
+    assert tr.TrainArgs(head_dropout=0.2).head_dropout == 0.2
