@@ -84,7 +84,12 @@ def child(spec: dict) -> dict:
     else:
         rows = [{"prompt": digits(half), "chosen": digits(spec["length"] - half - 1),
                  "rejected": digits(spec["length"] - half - 1)} for _ in range(common["max_steps"])]
-        args, cls, extra = DPOConfig(**common), DPOTrainer, {"ref_model": model()}
+        # LoRA: the reference is the base with the adapter disabled (no second model)
+        args, cls, extra = DPOConfig(**common), DPOTrainer, {} if spec.get("lora") else {"ref_model": model()}
+    if spec.get("lora"):  # the 8B long-context recipes' setting: frozen base, no full gradients or optimizer state
+        from peft import LoraConfig
+
+        extra["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     if mode != "trl":
         cls = long_context_trainer(cls, LongContextArguments(tiled_mlp_tile_tokens=spec["tile_tokens"],
                                                              tiled_loss_tokens=spec["tile_tokens"],
@@ -252,6 +257,7 @@ def main() -> None:
     p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
     p.add_argument("--steps", type=int, default=2,
                    help="optimizer steps per configuration; step time = median of all but the first")
+    p.add_argument("--lora", action="store_true", help="train a LoRA adapter (r 16, all linear layers) on a frozen base")
     p.add_argument("--out", default="benchmarks/longctx")
     p.add_argument("--glibc-malloc", action="store_true",
                    help="keep glibc's default (dynamic) mmap threshold: peak RSS then also counts freed blocks "
@@ -304,7 +310,7 @@ def main() -> None:
         for length in a.lengths:
             for mode in a.modes:  # modes interleaved per length: a change in the machine's load hits them alike
                 spec = dict(stage=stage, mode=mode, length=length, device=a.device, preset=preset, tile_tokens=tile,
-                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1, steps=a.steps)
+                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1, steps=a.steps, lora=a.lora)
                 r = run_config(spec, a.timeout, a.glibc_malloc)
                 r.pop("tokenizer", None)
                 results.append(r)
