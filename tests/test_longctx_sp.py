@@ -80,8 +80,8 @@ def _model_level(model_dir):
 
 
 def _trainer_level(model_dir, out):
-    """Three optimizer steps of the stages' trainers: SP=2 (+ tiled MLP, packing, ZeRO-1) logs the losses of plain DDP,
-    and resumes from its checkpoint."""
+    """Three optimizer steps of the stages' trainers: SP=2 (+ tiled MLP, packing, ZeRO-1) logs the losses of plain
+    DDP, and resumes from its checkpoint."""
     import torch
     from datasets import Dataset
     from torch.distributed.optim import ZeroRedundancyOptimizer
