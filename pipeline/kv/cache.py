@@ -217,11 +217,8 @@ def _query_heads(kv_heads: tuple[int, ...], groups: int, device) -> torch.Tensor
 def _sdpa(query, key, value, mask, groups: int, scaling) -> torch.Tensor:
     # enable_gqa: SDPA broadcasts a KV head over its query group without copying K/V (repeat_interleave
     # would copy the whole cache every decode step).
-    if mask is None:
-        out = F.scaled_dot_product_attention(query, key, value, is_causal=query.shape[-2] > 1, scale=scaling,
-                                             enable_gqa=groups > 1)
-    else:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1,
+                                         is_causal=mask is None and query.shape[-2] > 1)
     return out.transpose(1, 2).contiguous()
 
 
