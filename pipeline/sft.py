@@ -7,7 +7,8 @@
 
 Every recipe key can be overridden on the command line. A run resumes from the last checkpoint in
 `output_dir`. The model (or LoRA adapter) is saved to `output_dir` in the standard formats. Long
-sequences: tiled MLP / tiled loss / packing / sequence parallelism switches (pipeline/longctx).
+sequences: tiled MLP / lean RMSNorm / packing / sequence parallelism / checkpoint offload switches
+(pipeline/longctx).
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
     if lc_args is not None:
         packing = "on" if getattr(training_args, "padding_free", False) else "off"
         lines.append(f"long context: tiled MLP {'on' if lc_args.tiled_mlp else 'off'} "
-                     f"({lc_args.tiled_mlp_tile_tokens}-token tiles), loss chunks {lc_args.tiled_loss_tokens}, "
+                     f"({lc_args.tiled_mlp_tile_tokens}-token tiles), lean RMSNorm {'on' if lc_args.lean_rmsnorm else 'off'}, "
+                     f"LM-head vocabulary chunks {lc_args.loss_vocab_chunk}, "
                      f"padding-free {packing}, sequence parallel {lc_args.sequence_parallel_size}, "
                      f"checkpoint offload {'on' if lc_args.checkpoint_offload else 'off'}, optimizer state "
                      f"{'sharded over DDP processes' if lc_args.shard_optimizer_state else 'whole in every process'}")

@@ -8,10 +8,11 @@ Every configuration runs in its own child process (`--steps` optimizer steps, de
 config: no download), which reports its peak memory (CPU: peak RSS of the process; CUDA:
 torch.cuda.max_memory_allocated) and the median time of the steps after the first; the modes run interleaved per
 length. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation checkpointing, chunked fused
-LM head, padded rows); "ours" adds the long-context switches (tiled MLP and tiled loss in chunks of --tile-tokens
-instead of TRL's 32768 tokens, padding-free rows incl. DPO); "ours_offload" also offloads the
-activation checkpoints to host memory (CUDA only); "ours_sp2" shards every sequence over 2 processes (torchrun;
-memory is per process).
+LM head, padded rows); "ours" adds the long-context switches at their defaults (tiled MLP in tiles of --tile-tokens,
+lean RMSNorm, the LM head's vocabulary in chunks of --tile-tokens instead of TRL's 32768, padding-free rows incl.
+DPO); "ours_offload" also offloads the activation checkpoints to host memory (CUDA only); "ours_sp2" shards every
+sequence over 2 processes (torchrun; memory is per process). `--ours KEY=VALUE` changes a switch of the ours*
+modes (an ablation).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
 SDPA/flash, so memory is linear in length) over the measured lengths; it is marked as extrapolated.
@@ -91,10 +92,11 @@ def child(spec: dict) -> dict:
 
         extra["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     if mode != "trl":
-        cls = long_context_trainer(cls, LongContextArguments(tiled_mlp_tile_tokens=spec["tile_tokens"],
-                                                             tiled_loss_tokens=spec["tile_tokens"],
-                                                             checkpoint_offload=mode == "ours_offload",
-                                                             sequence_parallel_size=spec.get("sp", 1)))
+        lc = dict(tiled_mlp_tile_tokens=spec["tile_tokens"], loss_vocab_chunk=spec["tile_tokens"],
+                  checkpoint_offload=mode == "ours_offload", sequence_parallel_size=spec.get("sp", 1))
+        overrides = dict(spec.get("ours_overrides") or {})
+        args.padding_free = overrides.pop("padding_free", args.padding_free)
+        cls = long_context_trainer(cls, LongContextArguments(**(lc | overrides)))
     assert args.gradient_checkpointing, "TRL's default is activation checkpointing on"
 
     times = []
@@ -114,13 +116,55 @@ def child(spec: dict) -> dict:
                   callbacks=[StepTimer()], **extra)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    breakdown = cuda and spec.get("memory_breakdown")
+    if breakdown:
+        baseline = torch.cuda.memory_allocated()
+        torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
     trainer.train()
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if breakdown:
+        breakdown = peak_breakdown(torch.cuda.memory._snapshot(), baseline)
+        torch.cuda.memory._record_memory_history(enabled=None)
     tokens = spec["length"] * (1 if stage == "sft" else 2)  # DPO: chosen + rejected
     step_s = statistics.median(times[1:])  # the first step also builds the optimizer state and warms up
     return {**spec, "peak_gb": peak / 2**30, "step_s": step_s, "tokens_per_s": tokens / step_s,
             "steps": len(times), "step_times": times, "world_size": trainer.args.world_size,
-            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__}
+            "optimizer": type(getattr(trainer.optimizer, "optimizer", trainer.optimizer)).__name__,
+            **({"memory_breakdown": breakdown} if breakdown else {})}
+
+
+def peak_breakdown(snapshot: dict, baseline: int, top: int = 25) -> dict:
+    """What is live at the peak of a CUDA memory-history recording, grouped by the innermost allocating line of the
+    pipeline, TRL, transformers or this script (diagnosis only: the recording slows the steps)."""
+    import torch
+
+    events = snapshot["device_traces"][torch.cuda.current_device()]
+    total, best, at = 0, 0, -1
+    for i, e in enumerate(events):  # pass 1: when is the peak (blocks freed but allocated before recording count)
+        if e["action"] == "alloc":
+            total += e["size"]
+        elif e["action"] == "free_completed":
+            total -= e["size"]
+        if total > best:
+            best, at = total, i
+    live = {}
+    for e in events[: at + 1]:  # pass 2: the blocks live at that moment
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    mine = ("/pipeline/", "/trl/", "/transformers/", "bench_longctx", "/peft/")
+    groups: dict[str, int] = {}
+    for e in live.values():
+        frame = next((f for f in e.get("frames", []) if any(m in f["filename"] for m in mine)), None)
+        where = "(no python frame)" if frame is None else \
+            f"{'/'.join(frame['filename'].split('/')[-2:])}:{frame['line']} {frame['name']}"
+        groups[where] = groups.get(where, 0) + e["size"]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])
+    return {"peak_gb": round((baseline + best) / 2**30, 3), "before_recording_gb": round(baseline / 2**30, 3),
+            "peak_event": at, "events": len(events),
+            "live_at_peak_gb": {k: round(v / 2**30, 3) for k, v in ranked[:top]},
+            "other_gb": round(sum(v for _, v in ranked[top:]) / 2**30, 3)}
 
 
 def saved_activations(spec: dict) -> dict:
@@ -231,6 +275,9 @@ def plot(results: list[dict], out: Path, cap_gb: float) -> None:
             xs = [x for x, _ in pts]
             axes[0][col].plot(xs, [r["peak_gb"] for _, r in pts], style, label=mode)
             axes[1][col].plot(xs, [r["step_s"] for _, r in pts], style, label=mode)
+        ooms = sorted(r["length"] for r in results if r["stage"] == stage and r.get("error") == "out of memory")
+        if ooms:
+            axes[0][col].plot(ooms, [cap_gb] * len(ooms), "kx", ms=9, label="out of memory (any mode)")
         axes[0][col].axhline(cap_gb, color="grey", lw=0.8, ls=":", label=f"cap {cap_gb:g} GB")
         axes[0][col].set_title(f"{stage.upper()}: peak memory per process (GB)")
         axes[1][col].set_title(f"{stage.upper()}: step time (s)")
@@ -252,7 +299,8 @@ def main() -> None:
     p.add_argument("--stages", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
     p.add_argument("--modes", nargs="+", default=["trl", "ours"], choices=list(MODES))
     p.add_argument("--tile-tokens", type=int, default=None,
-                   help="tokens per tiled-MLP tile and per tiled-loss chunk; default: the hidden size (ALST's rule)")
+                   help="tokens per tiled-MLP (and RMSNorm) tile and vocabulary columns per LM-head chunk; default: "
+                        "the hidden size (ALST's rule)")
     p.add_argument("--cap-gb", type=float, default=None, help="memory cap for the longest-sequence estimate")
     p.add_argument("--timeout", type=int, default=600, help="seconds per configuration")
     p.add_argument("--steps", type=int, default=2,
@@ -264,6 +312,12 @@ def main() -> None:
                         "glibc keeps (how runs before the fixed threshold measured)")
     p.add_argument("--saved-activations", action="store_true",
                    help="instead of training steps: bytes autograd saves in one forward, per rank (ours, ours_sp2)")
+    p.add_argument("--ours", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override long-context switches of the ours* modes (LongContextArguments keys, or "
+                        "padding_free), e.g. --ours tiled_mlp=false: an ablation")
+    p.add_argument("--memory-breakdown", action="store_true",
+                   help="CUDA: record allocations and report what is live at the peak, by allocating line (works "
+                        "for trl; with our autograd functions torch 2.11's recorder fails inside Function.apply)")
     p.add_argument("--resummarize", action="store_true",
                    help="recompute the summary and plot of an existing --out JSON (e.g. for another --cap-gb)")
     a = p.parse_args()
@@ -289,6 +343,7 @@ def main() -> None:
         write(out, meta | {"cap_gb": cap}, results, a.stages, a.modes, cap)
         print(json.dumps(json.loads(out.with_suffix(".json").read_text())["summary"], indent=1))
         return
+    overrides = parse_overrides(a.ours)
     tok_dir = tempfile.mkdtemp(prefix="bench_longctx_tok_")
     train_tokenizer(TinyModelSpec(vocab_size=400, max_position_embeddings=1 << 20)).save_pretrained(tok_dir)
     results = []
@@ -310,7 +365,9 @@ def main() -> None:
         for length in a.lengths:
             for mode in a.modes:  # modes interleaved per length: a change in the machine's load hits them alike
                 spec = dict(stage=stage, mode=mode, length=length, device=a.device, preset=preset, tile_tokens=tile,
-                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1, steps=a.steps, lora=a.lora)
+                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1, steps=a.steps, lora=a.lora,
+                            **({"ours_overrides": overrides} if overrides and mode != "trl" else {}),
+                            **({"memory_breakdown": True} if a.memory_breakdown else {}))
                 r = run_config(spec, a.timeout, a.glibc_malloc)
                 r.pop("tokenizer", None)
                 results.append(r)
@@ -323,6 +380,30 @@ def main() -> None:
                             if a.device == "cpu"
                             else "torch.cuda.max_memory_allocated")
                 write(out, meta, results, a.stages, a.modes, cap)  # after every configuration: partial runs count
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--ours KEY=VALUE pairs -> typed LongContextArguments overrides (an unknown key or bad value: one-line exit)."""
+    import dataclasses
+
+    from pipeline.longctx import LongContextArguments
+
+    fields = {f.name: f.type for f in dataclasses.fields(LongContextArguments)} | {"padding_free": "bool"}
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            sys.exit(f"--ours {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        if fields[key] in (bool, "bool"):
+            if value.lower() not in ("true", "false"):
+                sys.exit(f"--ours {item!r}: expected true or false")
+            out[key] = value.lower() == "true"
+        else:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                sys.exit(f"--ours {item!r}: expected an integer")
+    return out
 
 
 def versions() -> dict:

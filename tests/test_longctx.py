@@ -13,6 +13,8 @@ import trl.trainer.utils as trl_utils
 
 from pipeline.longctx import LongContextArguments, long_context_trainer
 from pipeline.longctx.fused_forward import wrap_fused_forward
+from pipeline.longctx.offload import offload_saved_tensors
+from pipeline.longctx.rmsnorm import patch_rmsnorm
 from pipeline.longctx.tiled_mlp import patch_tiled_mlp
 from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION
 
@@ -92,6 +94,94 @@ def test_tiled_mlp_rejects_unsupported_architecture():
         patch_tiled_mlp(model, 8)
 
 
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_lean_rmsnorm_equals_plain(arch, checkpointing):
+    data = batch()
+    plain = loss_and_grads(tiny_lm(arch), *data)
+    model = tiny_lm(arch)
+    assert patch_rmsnorm(model, tile_tokens=7) == 5  # 2 per layer + the final norm
+    assert patch_rmsnorm(model, tile_tokens=7) == 0
+    patch_tiled_mlp(model, tile_tokens=7)
+    if checkpointing:
+        model.train()
+        model.gradient_checkpointing_enable()
+    assert_same(plain, loss_and_grads(model, *data))
+
+
+def _saved_bytes(fn, *inputs):
+    """Bytes of the tensors autograd saves for backward while running fn (each storage counted once)."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(*inputs)
+    return out, sum(seen.values())
+
+
+def test_lean_rmsnorm_bf16_matches_and_saves_two_thirds():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 50, 64, dtype=torch.bfloat16, requires_grad=True)
+    norms = [LlamaRMSNorm(64).to(torch.bfloat16) for _ in range(2)]
+    norms[0].weight.data.uniform_(0.5, 1.5)
+    norms[1].load_state_dict(norms[0].state_dict())
+    patch_rmsnorm(norms[1], tile_tokens=16)
+    grad = torch.randn(3, 50, 64, dtype=torch.bfloat16)
+    results = []
+    for norm in norms:
+        out, saved = _saved_bytes(norm, x)
+        dx, dw = torch.autograd.grad(out, (x, norm.weight), grad)
+        results.append((out, dx, dw, saved))
+    (out, dx, dw, plain_saved), (lean_out, lean_dx, lean_dw, lean_saved) = results
+    assert torch.equal(out, lean_out)  # same forward formula, bit for bit
+    torch.testing.assert_close(lean_dx, dx, atol=2e-2, rtol=2e-2)  # bf16 rounding of a different op order
+    torch.testing.assert_close(lean_dw, dw, atol=5e-2, rtol=2e-2)
+    # plain: the fp32 input (2 units) + the rounded normalised bf16 (1); lean: the bf16 input (1) + 1 float per token
+    assert lean_saved <= x.numel() * 2 + 3 * 50 * 4 + 64 * 2
+    assert plain_saved >= 3 * x.numel() * 2
+
+
+def test_offload_saves_copies_and_skips_parameters():
+    # On CPU the hooks normally leave tensors alone; told to treat CPU as the device, they copy like on a GPU.
+    x = torch.randn(1000, requires_grad=True)
+    w = torch.nn.Parameter(torch.randn(1000))
+    with offload_saved_tensors(device_types=("cpu",), min_bytes=0):
+        y = (x * x * w).sum()
+    x.data.add_(1.0)  # no version bump: a saved reference would see this, a copy does not
+    w.data.mul_(2.0)  # parameters are kept by reference, so the gradient sees the new weight
+    y.backward()
+    torch.testing.assert_close(x.grad, 2 * (x.data - 1.0) * w.data)
+    with offload_saved_tensors():  # CPU tensors are not offloaded by default
+        y = (x * x).sum()
+    x.data.add_(1.0)
+    x.grad = None
+    y.backward()
+    torch.testing.assert_close(x.grad, 2 * x.data)
+
+
+def test_offloaded_reentrant_checkpoints_equal_plain():
+    data = batch()
+    plain = loss_and_grads(tiny_lm("llama"), *data)
+    model = tiny_lm("llama")
+    patch_rmsnorm(model, 7)
+    patch_tiled_mlp(model, 7)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    ids, mask, labels = data
+    model.zero_grad()
+    with offload_saved_tensors(device_types=("cpu",), min_bytes=0):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True, use_cache=False)
+        loss = out.loss + 0.1 * (out.log_probs.sum(1) * torch.arange(1, ids.shape[0] + 1)).sum()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert_same(plain, (out.log_probs.detach(), grads))
+
+
 @pytest.mark.parametrize("tiled", [False, True])
 @pytest.mark.parametrize("attention", [ATTN_IMPLEMENTATION, "sdpa"])  # per-sequence SDPA / transformers' packed mask
 def test_packed_rows_equal_padded_rows(tiled, attention):
@@ -169,8 +259,8 @@ def _assert_trainers_agree(a, b):
 @pytest.mark.parametrize("switches", [
     dict(padding_free=True),
     dict(tiled_mlp_tile_tokens=16),
-    dict(tiled_loss_tokens=8),
-    dict(padding_free=True, tiled_mlp_tile_tokens=16, tiled_loss_tokens=8, checkpoint_offload=True),
+    dict(loss_vocab_chunk=8),
+    dict(padding_free=True, tiled_mlp_tile_tokens=16, loss_vocab_chunk=8, checkpoint_offload=True),
 ])
 def test_dpo_switches_equal_plain_dpo(tiny_model_dir, tmp_path, switches):
     from trl import DPOConfig, DPOTrainer
@@ -187,7 +277,7 @@ def test_dpo_switches_equal_plain_dpo(tiny_model_dir, tmp_path, switches):
     finally:
         trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_CHUNK  # a process-wide setting: restore it for other tests
     if lc.checkpoint_offload:
-        assert args.gradient_checkpointing and args.activation_offloading == torch.cuda.is_available()
+        assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs["use_reentrant"]
     _assert_trainers_agree(plain, ours)
 
 
@@ -198,7 +288,7 @@ def _chats(n=4):
 
 
 @pytest.mark.parametrize("switches", [dict(padding_free=True),
-                                      dict(padding_free=True, tiled_mlp_tile_tokens=16, tiled_loss_tokens=8)])
+                                      dict(padding_free=True, tiled_mlp_tile_tokens=16, loss_vocab_chunk=8)])
 def test_sft_switches_equal_plain_sft(tiny_model_dir, tmp_path, switches):
     from trl import SFTConfig, SFTTrainer
 

@@ -11,6 +11,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from transformers import TrainerCallback
 
 from pipeline.longctx.fused_forward import wrap_fused_forward
+from pipeline.longctx.offload import offload_saved_tensors
+from pipeline.longctx.rmsnorm import patch_rmsnorm
 from pipeline.longctx.tiled_mlp import patch_tiled_mlp
 from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION, check_heads
 
@@ -28,15 +30,24 @@ class LongContextArguments:
                   "recomputed in backward (ALST). Exact; inputs of at most one tile take the plain path."})
     tiled_mlp_tile_tokens: int = dataclasses.field(
         default=4096, metadata={"help": "Tokens per MLP tile (smaller: less memory, more kernel launches)."})
-    tiled_loss_tokens: int = dataclasses.field(
+    lean_rmsnorm: bool = dataclasses.field(
+        default=True,
+        metadata={"help": "RMSNorm saves only its input and the inverse RMS for backward and recomputes the float32 "
+                  "normalisation in tiles of tiled_mlp_tile_tokens (transformers' saves two float32 and two bf16 "
+                  "copies of the hidden state per norm). Llama, Mistral, Qwen2/3; other norms are kept as they are. "
+                  "Exact up to float rounding order."})
+    loss_vocab_chunk: int = dataclasses.field(
         default=4096,
-        metadata={"help": "Tokens per chunk of TRL's fused LM head + log-prob (ALST's tiled loss). TRL 1.16 uses "
-                  "32768-token chunks, i.e. full [tokens, vocab] logits below 32k tokens. Exact."})
+        metadata={"help": "Vocabulary columns per tile of TRL's fused LM head + log-prob. TRL 1.16 already tiles "
+                  "the tokens (4096 per tile, never the full logits) and the vocabulary by 32768 columns: a "
+                  "[4096, 32768] logits buffer in forward and another in backward (0.5 GB each in float32). "
+                  "Smaller: smaller buffers, more and smaller matrix products. Exact."})
     checkpoint_offload: bool = dataclasses.field(
         default=False,
-        metadata={"help": "Turn on activation checkpointing and offload the checkpoints to host memory (TRL's "
-                  "activation_offloading; GPU only: on CPU activations already live in host memory). Off by "
-                  "default: it costs transfer time and helps only when GPU memory is the limit."})
+        metadata={"help": "Turn on activation checkpointing (reentrant) and keep the checkpoints (each layer's input) "
+                  "and the LM head's saved hidden states in pinned host memory between forward and backward "
+                  "(pipeline/longctx/offload.py). GPU only: on CPU activations already live in host memory. Off by "
+                  "default: it costs transfer time and pays when GPU memory is the limit (many layers, long rows)."})
     sequence_parallel_size: int = dataclasses.field(
         default=1,
         metadata={"help": "Shard every sequence across this many processes (Ulysses all-to-all attention on "
@@ -52,8 +63,8 @@ class LongContextArguments:
     def __post_init__(self):
         if self.tiled_mlp_tile_tokens < 1:
             raise ValueError("key 'tiled_mlp_tile_tokens' must be >= 1")
-        if self.tiled_loss_tokens < 1:
-            raise ValueError("key 'tiled_loss_tokens' must be >= 1")
+        if self.loss_vocab_chunk < 1:
+            raise ValueError("key 'loss_vocab_chunk' must be >= 1")
         if self.sequence_parallel_size < 1:
             raise ValueError("key 'sequence_parallel_size' must be >= 1")
 
@@ -92,8 +103,10 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
         def __init__(self, *args, **kwargs):
             training_args = kwargs["args"]
             if lc_args.checkpoint_offload:
+                # Reentrant checkpointing saves each layer's input through the saved-tensor hooks that offload it.
                 training_args.gradient_checkpointing = True
-                training_args.activation_offloading = torch.cuda.is_available()
+                training_args.gradient_checkpointing_kwargs = {
+                    **(training_args.gradient_checkpointing_kwargs or {}), "use_reentrant": True}
             # Padding-free rows go through our forward (per-sequence attention, no [T, T] mask). TRL 1.16's
             # DPOTrainer ignores padding_free (with a warning): there the packing itself is ours.
             self._pack = getattr(training_args, "padding_free", False)
@@ -107,8 +120,9 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
             # them: one gradient-sized buffer less per process (exact; applied before `train` wraps the model).
             if self.accelerator.ddp_handler is not None:
                 self.accelerator.ddp_handler.gradient_as_bucket_view = True
-            # TRL exposes no argument for its fused LM head's chunk; this module constant is read at every call.
-            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = lc_args.tiled_loss_tokens
+            # TRL exposes no argument for its fused LM head's vocabulary chunk; this module constant is read at
+            # every call.
+            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = lc_args.loss_vocab_chunk
 
             self._sp_group, self._sp_on = None, False
             if sp > 1:
@@ -125,6 +139,8 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
                 base = _base(model)
                 if lc_args.tiled_mlp:
                     patch_tiled_mlp(base, lc_args.tiled_mlp_tile_tokens)
+                if lc_args.lean_rmsnorm:
+                    patch_rmsnorm(base, lc_args.tiled_mlp_tile_tokens)
                 if sp > 1 or (self._pack and base.config._attn_implementation == "sdpa"):
                     base.set_attn_implementation(ATTN_IMPLEMENTATION)  # SDPA, per packed sequence / sharded
                 if self._pack or sp > 1:
@@ -154,6 +170,12 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
                                               **kwargs)
             self.add_callback(_ConsolidateOptimizerState(self.optimizer))
             return self.optimizer
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if not lc_args.checkpoint_offload:
+                return super().compute_loss(model, inputs, *args, **kwargs)
+            with offload_saved_tensors():  # forward only: backward unpacks what was saved here
+                return super().compute_loss(model, inputs, *args, **kwargs)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             if self._sp_group is None:
