@@ -1,9 +1,9 @@
-"""RMSNorm that keeps one half-precision tensor per token for backward instead of four.
+"""RMSNorm that saves its (bf16) input and one float per token for backward, not float32 copies.
 
-transformers' RMSNorm (Llama, Mistral, Qwen2) upcasts to float32 and lets autograd save the float32 input, the
-rounded normalised tensor and the output: two float32 and two bf16 copies of the hidden state per norm, 2 norms
-per layer. Under activation checkpointing that is the biggest per-token buffer of the recomputed layer after the MLP's
-(measured on an H100 at Llama-8B width: 4 of the 16 GB of activations at 64k tokens). This autograd function saves
+transformers' RMSNorm (Llama, Mistral, Qwen2) upcasts to float32, and autograd saves the float32 input and the
+normalised tensor rounded back to bf16: 3x the bytes of the bf16 hidden state per norm, 2 norms per layer. Under
+activation checkpointing that is the biggest per-token buffer of the recomputed layer after the MLP's (measured on
+an H100 at Llama-8B width: 4 of the 16 GB of activations at 64k tokens). This autograd function saves
 only its input (which the layer keeps anyway as its checkpoint or residual) and the per-token inverse RMS, and
 recomputes the normalisation in backward, tile by tile so that no float32 copy of the whole sequence is ever live.
 Same formula, in float32, as transformers'; only the order of floating-point operations in backward differs.

@@ -33,8 +33,8 @@ class LongContextArguments:
     lean_rmsnorm: bool = dataclasses.field(
         default=True,
         metadata={"help": "RMSNorm saves only its input and the inverse RMS for backward and recomputes the float32 "
-                  "normalisation in tiles of tiled_mlp_tile_tokens (transformers' saves two float32 and two bf16 "
-                  "copies of the hidden state per norm). Llama, Mistral, Qwen2/3; other norms are kept as they are. "
+                  "normalisation in tiles of tiled_mlp_tile_tokens (transformers' saves a float32 and a bf16 copy "
+                  "of the hidden state per norm). Llama, Mistral, Qwen2/3; other norms are kept as they are. "
                   "Exact up to float rounding order."})
     loss_vocab_chunk: int = dataclasses.field(
         default=4096,
