@@ -144,6 +144,11 @@ def test_lean_rmsnorm_bf16_matches_and_saves_two_thirds():
     # plain: the fp32 input (2 units) + the rounded normalised bf16 (1); lean: the bf16 input (1) + 1 float per token
     assert lean_saved <= x.numel() * 2 + 3 * 50 * 4 + 64 * 2
     assert plain_saved >= 3 * x.numel() * 2
+    short = LlamaRMSNorm(64).to(torch.bfloat16)
+    short.load_state_dict(norms[0].state_dict())
+    patch_rmsnorm(short, tile_tokens=150)  # 150 tokens: one tile, so the plain path (bit-for-bit, same saves)
+    short_out, short_saved = _saved_bytes(short, x)
+    assert short_out.grad_fn.name() == out.grad_fn.name() and short_saved == plain_saved
 
 
 def test_offload_saves_copies_and_skips_parameters():

@@ -35,7 +35,7 @@ class LongContextArguments:
         metadata={"help": "RMSNorm saves only its input and the inverse RMS for backward and recomputes the float32 "
                   "normalisation in tiles of tiled_mlp_tile_tokens (transformers' saves a float32 and a bf16 copy "
                   "of the hidden state per norm). Llama, Mistral, Qwen2/3; other norms are kept as they are. "
-                  "Exact up to float rounding order."})
+                  "Exact up to float rounding order; inputs of at most one tile take the plain path."})
     loss_vocab_chunk: int = dataclasses.field(
         default=4096,
         metadata={"help": "Vocabulary columns per tile of TRL's fused LM head + log-prob. TRL 1.16 already tiles "
