@@ -108,12 +108,15 @@ def _trainer_level(model_dir, out):
     for stage, config_cls, trainer_cls, data in (("sft", SFTConfig, SFTTrainer, chats),
                                                  ("dpo", DPOConfig, DPOTrainer, pairs)):
         losses = {}
-        for mode in ("ddp", "sp", "sp/resumed"):
-            lc = LongContextArguments(sequence_parallel_size=2, tiled_mlp_tile_tokens=16) if mode != "ddp" else None
+        for mode in ("ddp", "sp", "sp/resumed", "sp+offload"):
+            # sp+offload: the 8B recipes' combination (reentrant checkpointing under DDP, several backwards a step)
+            lc = LongContextArguments(sequence_parallel_size=2, tiled_mlp_tile_tokens=16,
+                                      checkpoint_offload=mode == "sp+offload") if mode != "ddp" else None
             # ours saves a checkpoint every step (the sharded optimizer state is gathered for it); the run resumed
             # from step 1's must log step 3's loss, which depends on the restored AdamW state through step 2
             saving = dict(save_strategy="steps", save_steps=1) if mode == "sp" else {}
-            args = config_cls(output_dir=str(out / f"{stage}-{mode.split('/')[0]}"), padding_free=mode != "ddp",
+            args = config_cls(output_dir=str(out / f"{stage}-{mode.split('/')[0].replace('+', '-')}"),
+                              padding_free=mode != "ddp",
                               **{**common, **saving})
             cls = long_context_trainer(trainer_cls, lc) if lc else trainer_cls
             trainer = cls(model=AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"),
@@ -138,6 +141,9 @@ def _trainer_level(model_dir, out):
         assert len(losses["sp"]) == 3 and len(losses["sp/resumed"]) == 3, losses  # step 1's comes from the checkpoint
         torch.testing.assert_close(torch.tensor(losses["sp"]), torch.tensor(losses["ddp"]), atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(losses["sp/resumed"][1:], losses["sp"][1:], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(losses["sp+offload"]), torch.tensor(losses["ddp"]), atol=1e-4,
+                                   rtol=1e-4)
+        assert trainer.args.gradient_checkpointing_kwargs["use_reentrant"]  # the last run: sp+offload
         checked.append(f"trainer/{stage}")
     return checked
 
