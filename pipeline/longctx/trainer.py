@@ -40,8 +40,9 @@ class LongContextArguments:
         default=4096,
         metadata={"help": "Vocabulary columns per tile of TRL's fused LM head + log-prob. TRL 1.16 already tiles "
                   "the tokens (4096 per tile, never the full logits) and the vocabulary by 32768 columns: a "
-                  "[4096, 32768] logits buffer in forward and another in backward (0.5 GB each in float32). "
-                  "Smaller: smaller buffers, more and smaller matrix products. Exact."})
+                  "[4096, 32768] logits buffer in forward and another in backward (0.5 GB each in float32), and "
+                  "without Triton (CPU) several more temporaries of that size. Smaller: smaller buffers, more and "
+                  "smaller matrix products. Exact."})
     checkpoint_offload: bool = dataclasses.field(
         default=False,
         metadata={"help": "Turn on activation checkpointing (reentrant) and keep the checkpoints (each layer's input) "
