@@ -383,27 +383,27 @@ def main() -> None:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """--ours KEY=VALUE pairs -> typed LongContextArguments overrides (an unknown key or bad value: one-line exit)."""
+    """--ours KEY=VALUE pairs -> the LongContextArguments (or padding_free) values they set, checked by the recipes'
+    strict parser (an unknown key, a bad value: one-line exit)."""
     import dataclasses
 
+    from pipeline.config import RecipeError, parse
     from pipeline.longctx import LongContextArguments
 
-    fields = {f.name: f.type for f in dataclasses.fields(LongContextArguments)} | {"padding_free": "bool"}
-    out = {}
+    @dataclasses.dataclass
+    class Packing:  # TRL's key, set on the trainer's config rather than on LongContextArguments
+        padding_free: bool = False
+
+    argv = []
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            sys.exit(f"--ours {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-        if fields[key] in (bool, "bool"):
-            if value.lower() not in ("true", "false"):
-                sys.exit(f"--ours {item!r}: expected true or false")
-            out[key] = value.lower() == "true"
-        else:
-            try:
-                out[key] = int(value)
-            except ValueError:
-                sys.exit(f"--ours {item!r}: expected an integer")
-    return out
+        if not sep:
+            sys.exit(f"--ours {item!r}: expected KEY=VALUE")
+        argv += [f"--{key}", value]
+    try:
+        return parse([LongContextArguments, Packing], argv)[1]
+    except RecipeError as e:
+        sys.exit(f"--ours: {e}")
 
 
 def versions() -> dict:
