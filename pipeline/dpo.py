@@ -25,7 +25,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from pipeline.config import cli  # noqa: E402
 from pipeline.data import load_train_data  # noqa: E402
 from pipeline.longctx import long_context_trainer  # noqa: E402
-from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path, resolve_ref_path  # noqa: E402
+from pipeline.modeling import (check_model_switches, load_model, load_tokenizer, peft_config,  # noqa: E402
+                               resolve_model_path, resolve_ref_path)
 from pipeline.training import parse_stage, train_and_save  # noqa: E402
 
 
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     # Model, reference & tokenizer
     path = resolve_model_path(model_args, source)
+    check_model_switches(path, model_args, lc_args, source)  # before any weights load
     tokenizer = load_tokenizer(path, model_args)
     model = load_model(path, model_args, training_args)
     ref_path = resolve_ref_path(model_args, source)
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     train, evaluation = load_train_data(data_args, "dpo", source, seed=training_args.seed)
 
     # Training
-    trainer_cls = long_context_trainer(DPOTrainer, lc_args)
+    trainer_cls = long_context_trainer(DPOTrainer, lc_args, training_args)  # plain TRL if no switch is on
     trainer = trainer_cls(model=model, ref_model=ref_model, args=training_args, train_dataset=train,
                           eval_dataset=evaluation, processing_class=tokenizer, peft_config=peft_config(model_args))
     return train_and_save(trainer, "dpo", data_args)

@@ -41,6 +41,25 @@ def resolve_model_path(model_args: ModelArguments, source: str) -> str:
     return name
 
 
+def check_model_switches(path: str, model_args: ModelArguments, lc_args, source: str) -> None:
+    """Switches that cannot work on this model's architecture (e.g. tiled MLP on a model without a gated MLP, sequence
+    parallelism that does not divide its heads): one line, from the config alone, before any weights load."""
+    from pipeline.longctx import check_model
+
+    if not lc_args.active_on_model():
+        return
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=model_args.model_revision,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError):
+        return  # no readable config: loading the model reports that
+    problem = check_model(config, lc_args)
+    if problem:
+        raise RecipeError(f"{source}: {problem}")
+
+
 def resolve_ref_path(model_args: ModelArguments, source: str) -> str | None:
     name = model_args.ref_model_name_or_path
     if name and not Path(name).exists() and _looks_local(name):

@@ -24,7 +24,8 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from pipeline.config import cli  # noqa: E402
 from pipeline.data import load_train_data  # noqa: E402
 from pipeline.longctx import long_context_trainer  # noqa: E402
-from pipeline.modeling import load_model, load_tokenizer, peft_config, resolve_model_path  # noqa: E402
+from pipeline.modeling import (check_model_switches, load_model, load_tokenizer, peft_config,  # noqa: E402
+                               resolve_model_path)
 from pipeline.training import parse_stage, train_and_save  # noqa: E402
 
 
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     # Model & tokenizer
     path = resolve_model_path(model_args, source)
+    check_model_switches(path, model_args, lc_args, source)  # before any weights load
     tokenizer = load_tokenizer(path, model_args)
     model = load_model(path, model_args, training_args)
 
@@ -43,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     train, evaluation = load_train_data(data_args, "sft", source, seed=training_args.seed)
 
     # Training
-    trainer_cls = long_context_trainer(SFTTrainer, lc_args)
+    trainer_cls = long_context_trainer(SFTTrainer, lc_args, training_args)  # plain TRL if no switch is on
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           processing_class=tokenizer, peft_config=peft_config(model_args))
     return train_and_save(trainer, "sft", data_args)

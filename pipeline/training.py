@@ -30,11 +30,15 @@ def setup_logging(training_args) -> None:
 def parse_stage(stage: str, config_cls, argv: list[str] | None):
     """Parse a trainer stage's recipe (data, TRL config, model, long-context switches), check it and print its
     plan. Returns (data_args, training_args, model_args, lc_args, source), or None after a --dry_run."""
-    from pipeline.longctx import LongContextArguments
+    from pipeline.config import RecipeError
+    from pipeline.longctx import LongContextArguments, check_switches
 
     (data_args, training_args, model_args, lc_args), _, source = parse(
         [DataArguments, config_cls, ModelArguments, LongContextArguments], argv, prog=f"pipeline/{stage}.py")
     check_training(model_args, training_args, data_args, source)
+    problem = check_switches(lc_args, training_args, zero_stage(training_args, data_args))
+    if problem:
+        raise RecipeError(f"{source}: {problem}")
     summary = plan(stage, source, data_args, training_args, model_args, lc_args)
     if data_args.dry_run:
         print(summary)
@@ -66,7 +70,7 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
         f"data:         {', '.join(data)}",
         f"schedule:     {steps}, lr={training_args.learning_rate}, per-device batch="
         f"{training_args.per_device_train_batch_size} x grad-accum {training_args.gradient_accumulation_steps}",
-        f"precision:    {precision}; checkpointing={'on' if training_args.gradient_checkpointing else 'off'}; "
+        f"precision:    {precision}; activation checkpointing {checkpointing(training_args, lc_args)}; "
         f"DeepSpeed ZeRO={stage_z if stage_z is not None else 'off'}",
         f"output_dir:   {training_args.output_dir}",
     ]
@@ -76,17 +80,34 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
         lines.append(f"reference:    {ref}{' (log-probs precomputed)' if training_args.precompute_ref_log_probs else ''}"
                      f"; beta={training_args.beta}, loss={training_args.loss_type}")
     if lc_args is not None:
-        packing = "on" if getattr(training_args, "padding_free", False) else "off"
-        lines.append(f"long context: tiled MLP {'on' if lc_args.tiled_mlp else 'off'} "
-                     f"({lc_args.tiled_mlp_tile_tokens}-token tiles), lean RMSNorm {'on' if lc_args.lean_rmsnorm else 'off'}, "
-                     f"LM-head vocabulary chunks {lc_args.loss_vocab_chunk}, "
-                     f"padding-free {packing}, sequence parallel {lc_args.sequence_parallel_size}, "
-                     f"checkpoint offload {'on' if lc_args.checkpoint_offload else 'off'}, optimizer state "
-                     f"{'sharded over DDP processes' if lc_args.shard_optimizer_state else 'whole in every process'}")
+        on = lc_args.active(training_args)
+        if not on:
+            lines.append("long context: no switch on (plain TRL)")
+        else:
+            described = {
+                "tiled_mlp": f"tiled MLP ({lc_args.tiled_mlp_tile_tokens}-token tiles)",
+                "lean_rmsnorm": f"lean RMSNorm ({lc_args.tiled_mlp_tile_tokens}-token tiles)",
+                "loss_vocab_chunk": f"LM-head vocabulary chunks of {lc_args.loss_vocab_chunk}",
+                "checkpoint_offload": "checkpoints offloaded to host memory",
+                "padding_free": "chosen + rejected packed padding-free",
+                "sequence_parallel_size": f"sequence parallel over {lc_args.sequence_parallel_size} processes",
+                "shard_optimizer_state": "optimizer state sharded over DDP processes",
+                "gradient_as_bucket_view": "DDP gradients as bucket views"}
+            lines.append("long context: " + ", ".join(described[name] for name in on))
     if data_args.accelerate_config:
         lines.append(f"launch:       accelerate launch --config_file {data_args.accelerate_config} "
                      f"pipeline/{stage}.py --config {source}")
     return "\n".join(lines)
+
+
+def checkpointing(training_args, lc_args=None) -> str:
+    """What the Trainer will run: it reads activation_checkpointing(_kwargs), not the deprecated aliases."""
+    if not training_args.activation_checkpointing:
+        return "off"
+    kwargs = training_args.activation_checkpointing_kwargs or {}
+    mode = "reentrant" if kwargs.get("use_reentrant") else "non-reentrant"
+    offload = ", checkpoints offloaded" if lc_args is not None and lc_args.checkpoint_offload else ""
+    return f"on ({mode}{offload})"
 
 
 def last_checkpoint(output_dir: str) -> str | None:

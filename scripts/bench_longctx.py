@@ -92,11 +92,14 @@ def child(spec: dict) -> dict:
 
         extra["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM")
     if mode != "trl":
-        lc = dict(tiled_mlp_tile_tokens=spec["tile_tokens"], loss_vocab_chunk=spec["tile_tokens"],
-                  checkpoint_offload=mode == "ours_offload", sequence_parallel_size=spec.get("sp", 1))
+        # "ours": every memory switch on (the switches are opt-in; "trl" is TRL's own trainer class)
+        lc = dict(tiled_mlp=True, lean_rmsnorm=True, tiled_mlp_tile_tokens=spec["tile_tokens"],
+                  loss_vocab_chunk=spec["tile_tokens"], checkpoint_offload=mode == "ours_offload",
+                  sequence_parallel_size=spec.get("sp", 1), shard_optimizer_state=spec.get("sp", 1) > 1,
+                  gradient_as_bucket_view=True)
         overrides = dict(spec.get("ours_overrides") or {})
         args.padding_free = overrides.pop("padding_free", args.padding_free)
-        cls = long_context_trainer(cls, LongContextArguments(**(lc | overrides)))
+        cls = long_context_trainer(cls, LongContextArguments(**(lc | overrides)), args)
     assert args.gradient_checkpointing, "TRL's default is activation checkpointing on"
 
     times = []

@@ -275,14 +275,11 @@ def test_dpo_switches_equal_plain_dpo(tiny_model_dir, tmp_path, switches):
                          per_device_train_batch_size=4, gradient_checkpointing=False, **kw)
 
     plain = _trainer_grads(DPOTrainer, config(), tiny_model_dir, _pairs(), ref=True)
-    lc = LongContextArguments(**{k: v for k, v in switches.items() if k != "padding_free"})
+    lc = LongContextArguments(tiled_mlp=True, lean_rmsnorm=True,
+                              **{k: v for k, v in switches.items() if k != "padding_free"})
     args = config(padding_free=switches.get("padding_free", False))
-    try:
-        ours = _trainer_grads(long_context_trainer(DPOTrainer, lc), args, tiny_model_dir, _pairs(), ref=True)
-    finally:
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_CHUNK  # a process-wide setting: restore it for other tests
-    if lc.checkpoint_offload:
-        assert args.gradient_checkpointing and args.gradient_checkpointing_kwargs["use_reentrant"]
+    ours = _trainer_grads(long_context_trainer(DPOTrainer, lc, args), args, tiny_model_dir, _pairs(), ref=True)
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == TRL_CHUNK  # set only around our forwards, then restored
     _assert_trainers_agree(plain, ours)
 
 
@@ -302,12 +299,11 @@ def test_sft_switches_equal_plain_sft(tiny_model_dir, tmp_path, switches):
                          per_device_train_batch_size=4, gradient_checkpointing=False, **kw)
 
     plain = _trainer_grads(SFTTrainer, config(), tiny_model_dir, _chats())
-    lc = LongContextArguments(**{k: v for k, v in switches.items() if k != "padding_free"})
-    try:
-        ours = _trainer_grads(long_context_trainer(SFTTrainer, lc), config(padding_free=True), tiny_model_dir,
-                              _chats())
-    finally:
-        trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = TRL_CHUNK
+    lc = LongContextArguments(tiled_mlp=True, lean_rmsnorm=True,
+                              **{k: v for k, v in switches.items() if k != "padding_free"})
+    args = config(padding_free=True)
+    ours = _trainer_grads(long_context_trainer(SFTTrainer, lc, args), args, tiny_model_dir, _chats())
+    assert trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE == TRL_CHUNK
     _assert_trainers_agree(plain, ours)
 
 
@@ -317,10 +313,11 @@ def test_sequence_parallel_needs_divisible_heads(tiny_model_dir, tmp_path):
     from trl import SFTConfig, SFTTrainer
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)  # 4 heads, 2 KV heads
-    cls = long_context_trainer(SFTTrainer, LongContextArguments(sequence_parallel_size=4))
+    args = SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False)
+    cls = long_context_trainer(SFTTrainer, LongContextArguments(sequence_parallel_size=4), args)
     with pytest.raises(ValueError, match="must divide the attention heads"):
-        cls(model=model, args=SFTConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True, bf16=False),
-            train_dataset=Dataset.from_list(_chats()), processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
+        cls(model=model, args=args, train_dataset=Dataset.from_list(_chats()),
+            processing_class=AutoTokenizer.from_pretrained(tiny_model_dir))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -339,7 +336,7 @@ def test_longctx_recipes_parse_strictly(recipe):
     stage = DPOConfig if "dpo" in recipe.name else SFTConfig
     (_, training, _, lc), _, _ = parse([DataArguments, stage, ModelArguments, LongContextArguments],
                                        ["--config", str(recipe)])
-    assert lc.tiled_mlp and training.gradient_checkpointing
+    assert lc.tiled_mlp and training.activation_checkpointing
 
 
 def test_bad_switch_is_one_line_error():

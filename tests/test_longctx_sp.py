@@ -23,7 +23,8 @@ def test_sequence_parallel_two_processes(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["world_size"] == 2
-    assert set(report["checked"]) == {"model/rows", "model/packed", "trainer/sft", "trainer/dpo"}
+    assert set(report["checked"]) == {"model/rows", "model/packed", "trainer/sft", "trainer/dpo", "saves/epoch",
+                                      "saves/best"}
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -110,7 +111,9 @@ def _trainer_level(model_dir, out):
         losses = {}
         for mode in ("ddp", "sp", "sp/resumed", "sp+offload"):
             # sp+offload: the 8B recipes' combination (reentrant checkpointing under DDP, several backwards a step)
-            lc = LongContextArguments(sequence_parallel_size=2, tiled_mlp_tile_tokens=16,
+            lc = LongContextArguments(sequence_parallel_size=2, tiled_mlp=True, lean_rmsnorm=True,
+                                      tiled_mlp_tile_tokens=16, shard_optimizer_state=True,
+                                      gradient_as_bucket_view=True,
                                       checkpoint_offload=mode == "sp+offload") if mode != "ddp" else None
             # ours saves a checkpoint every step (the sharded optimizer state is gathered for it); the run resumed
             # from step 1's must log step 3's loss, which depends on the restored AdamW state through step 2
@@ -118,7 +121,7 @@ def _trainer_level(model_dir, out):
             args = config_cls(output_dir=str(out / f"{stage}-{mode.split('/')[0].replace('+', '-')}"),
                               padding_free=mode != "ddp",
                               **{**common, **saving})
-            cls = long_context_trainer(trainer_cls, lc) if lc else trainer_cls
+            cls = long_context_trainer(trainer_cls, lc, args) if lc else trainer_cls
             trainer = cls(model=AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa"),
                           args=args, train_dataset=Dataset.from_list(data),
                           processing_class=AutoTokenizer.from_pretrained(model_dir))
@@ -143,8 +146,40 @@ def _trainer_level(model_dir, out):
         torch.testing.assert_close(losses["sp/resumed"][1:], losses["sp"][1:], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.tensor(losses["sp+offload"]), torch.tensor(losses["ddp"]), atol=1e-4,
                                    rtol=1e-4)
-        assert trainer.args.gradient_checkpointing_kwargs["use_reentrant"]  # the last run: sp+offload
         checked.append(f"trainer/{stage}")
+    return checked
+
+
+def _sharded_saves(model_dir, out):
+    """shard_optimizer_state under DDP with the save strategies that save outside `on_step_end`: an epoch save and a
+    best-model save after evaluation each write the whole (gathered) optimizer state, and a resume from it continues
+    with the losses of an uninterrupted run."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.longctx import LongContextArguments, long_context_trainer
+
+    chats = [{"messages": [{"role": "user", "content": "add " + " ".join(str(j) for j in range(i % 5 + 3))},
+                           {"role": "assistant", "content": f"the sum is {sum(range(i % 5 + 3))}"}]} for i in range(8)]
+    checked = []
+    for strategy in ("epoch", "best"):
+        extra = dict(eval_strategy="steps", eval_steps=1, metric_for_best_model="loss") if strategy == "best" else {}
+        args = SFTConfig(output_dir=str(out / f"saves-{strategy}"), report_to="none", bf16=False, use_cpu=True,
+                         num_train_epochs=2, logging_steps=1, learning_rate=1e-3, per_device_train_batch_size=2,
+                         save_strategy=strategy, seed=0, max_length=None, **extra)
+        lc = LongContextArguments(shard_optimizer_state=True)
+        trainer = long_context_trainer(SFTTrainer, lc, args)(
+            model=AutoModelForCausalLM.from_pretrained(model_dir), args=args, train_dataset=Dataset.from_list(chats),
+            eval_dataset=Dataset.from_list(chats[:2]) if extra else None,
+            processing_class=AutoTokenizer.from_pretrained(model_dir))
+        trainer.train()
+        checkpoints = sorted((out / f"saves-{strategy}").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        assert checkpoints, strategy
+        saved = torch.load(checkpoints[-1] / "optimizer.pt", weights_only=True)
+        assert len(saved["state"]) == len([p for p in trainer.model.parameters() if p.requires_grad]), strategy
+        checked.append(f"saves/{strategy}")
     return checked
 
 
@@ -156,6 +191,7 @@ def main(model_dir: str, out: str) -> None:
     world = dist.get_world_size()
     checked = _model_level(model_dir)
     checked += _trainer_level(model_dir, out)
+    checked += _sharded_saves(model_dir, out)
     if dist.get_rank() == 0:
         (out / "report.json").write_text(json.dumps({"world_size": world, "checked": checked}))
 

@@ -58,7 +58,7 @@ class RMSNormFunction(torch.autograd.Function):
 
 def patch_rmsnorm(model, tile_tokens: int) -> int:
     """Make every supported RMSNorm of `model` lean (see the module docstring); returns the number patched.
-    Inputs of at most `tile_tokens` tokens take the original path."""
+    Sequences of at most `tile_tokens` tokens take the original path."""
     patched, skipped = 0, set()
     for module in model.modules():
         name = type(module).__name__
@@ -70,10 +70,11 @@ def patch_rmsnorm(model, tile_tokens: int) -> int:
         original = module.forward
 
         def lean_forward(self, x, original=original):
-            # Nothing is saved without grad (inference, a checkpointed layer's first pass). Inputs of at most one
-            # tile take the plain path, like the tiled MLP's: short-sequence recipes stay bit-for-bit unchanged
-            # (a rounding-level change can move a small model's training far, e.g. the demo's SFT).
-            if not torch.is_grad_enabled() or x.numel() // x.shape[-1] <= tile_tokens:
+            # Nothing is saved without grad (inference, a checkpointed layer's first pass). Sequences of at most one
+            # tile take the plain path, like the tiled MLP's (per row, not batch x length): short-sequence recipes stay
+            # bit-for-bit unchanged (a rounding-level change can move a small model's training far). Under ZeRO-3 the
+            # norm's module hooks gather the weight around forward and backward as for any module.
+            if not torch.is_grad_enabled() or x.dim() < 2 or x.shape[-2] <= tile_tokens:
                 return original(x)
             return RMSNormFunction.apply(x, self.weight, self.variance_epsilon, tile_tokens)
 

@@ -1,79 +1,167 @@
-"""Long-context switches for the SFT and DPO stages, and the trainer class that applies them."""
+"""Long-context switches for the SFT and DPO stages, and the trainer class that applies the ones a recipe turns on.
+
+Every switch is off by default, and with every switch off `long_context_trainer` returns TRL's own trainer class
+unchanged: a stage is then plain TRL. Each switch is one opt-in piece:
+
+| switch                    | what it does                                                           | where            |
+|---------------------------|------------------------------------------------------------------------|------------------|
+| `tiled_mlp`               | the decoder MLPs run over the sequence in tiles, recomputed in backward | tiled_mlp.py     |
+| `lean_rmsnorm`            | RMSNorm saves its input and one float per token, not float32 copies    | rmsnorm.py       |
+| `loss_vocab_chunk`        | TRL's fused LM head tiles the vocabulary in chunks of this many columns | `_vocab_chunk`   |
+| `checkpoint_offload`      | activation checkpoints (and the LM head's saved states) in host memory  | offload.py       |
+| `padding_free` (DPO)      | chosen and rejected rows packed into one row, exact per-sequence scores | fused_forward.py |
+| `sequence_parallel_size`  | every sequence sharded over this many processes (Ulysses)               | ulysses.py       |
+| `shard_optimizer_state`   | ZeRO-1 over DDP processes (torch's ZeroRedundancyOptimizer)             | here             |
+| `gradient_as_bucket_view` | DDP's gradients are views of its all-reduce buckets                     | here             |
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 import torch
 import trl.trainer.utils as trl_utils
 from torch.distributed.optim import ZeroRedundancyOptimizer
-from transformers import TrainerCallback
 
 from pipeline.longctx.fused_forward import wrap_fused_forward
 from pipeline.longctx.offload import offload_saved_tensors
+from pipeline.longctx.rmsnorm import SUPPORTED as RMSNORM_CLASSES
 from pipeline.longctx.rmsnorm import patch_rmsnorm
-from pipeline.longctx.tiled_mlp import patch_tiled_mlp
+from pipeline.longctx.tiled_mlp import SUPPORTED_MODEL_TYPES, patch_tiled_mlp
 from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION, check_heads
 
 logger = logging.getLogger(__name__)
 
+# TRL exposes no argument for its fused LM head's vocabulary chunk; its forward reads this module global at every call
+# (pinned by tests/test_contracts.py).
+VOCAB_CHUNK_GLOBAL = "_CHUNKED_LOGPROB_CHUNK_SIZE"
+
 
 @dataclasses.dataclass
 class LongContextArguments:
-    """Recipe switches for long sequences. Padding-free packing is TRL's own `padding_free` key (SFT: TRL's
-    implementation; DPO, where TRL 1.16 disables it: ours, exact per-sequence log-probs)."""
+    """Recipe switches for long sequences, all off by default. Padding-free packing is TRL's own `padding_free` key
+    (SFT: TRL's implementation; DPO, where TRL 1.16 ignores it: ours, with exact per-sequence log-probs)."""
 
     tiled_mlp: bool = dataclasses.field(
-        default=True,
+        default=False,
         metadata={"help": "Run each decoder MLP over the sequence in tiles of tiled_mlp_tile_tokens tokens, "
-                  "recomputed in backward (ALST). Exact; inputs of at most one tile take the plain path."})
+                  "recomputed in backward (ALST). Exact (dropout masks are replayed); sequences of at most one tile "
+                  "take the plain path. Under DeepSpeed ZeRO-3 the tiles run through DeepSpeed's TiledMLP."})
     tiled_mlp_tile_tokens: int = dataclasses.field(
-        default=4096, metadata={"help": "Tokens per MLP tile (smaller: less memory, more kernel launches)."})
+        default=4096, metadata={"help": "Tokens per MLP / RMSNorm tile (smaller: less memory, more kernel launches)."})
     lean_rmsnorm: bool = dataclasses.field(
-        default=True,
+        default=False,
         metadata={"help": "RMSNorm saves only its input and the inverse RMS for backward and recomputes the float32 "
                   "normalisation in tiles of tiled_mlp_tile_tokens (transformers' saves a float32 and a bf16 copy "
-                  "of the hidden state per norm). Llama, Mistral, Qwen2/3; other norms are kept as they are. "
-                  "Exact up to float rounding order; inputs of at most one tile take the plain path."})
-    loss_vocab_chunk: int = dataclasses.field(
-        default=4096,
-        metadata={"help": "Vocabulary columns per tile of TRL's fused LM head + log-prob. TRL 1.16 already tiles "
-                  "the tokens (4096 per tile, never the full logits) and the vocabulary by 32768 columns: a "
-                  "[4096, 32768] logits buffer in forward and another in backward (0.5 GB each in float32), and "
-                  "without Triton (CPU) several more temporaries of that size. Smaller: smaller buffers, more and "
-                  "smaller matrix products. Exact."})
+                  "of the hidden state per norm). Llama, Mistral, Qwen2/3. Exact up to float rounding order; "
+                  "sequences of at most one tile take the plain path."})
+    loss_vocab_chunk: int | None = dataclasses.field(
+        default=None,
+        metadata={"help": "Vocabulary columns per tile of TRL's fused LM head + log-prob (null: TRL's 32768). TRL 1.16 "
+                  "already tiles the tokens (4096 per tile, never the full logits); a [4096, 32768] logits buffer in "
+                  "forward and another in backward are 0.5 GB each in float32, and without Triton (CPU) there are "
+                  "several more temporaries of that size. Smaller: smaller buffers, more and smaller matrix "
+                  "products. Exact. Set only around this trainer's own forwards."})
     checkpoint_offload: bool = dataclasses.field(
         default=False,
-        metadata={"help": "Turn on activation checkpointing (reentrant) and keep the checkpoints (each layer's input) "
-                  "and the LM head's saved hidden states in pinned host memory between forward and backward "
-                  "(pipeline/longctx/offload.py). GPU only: on CPU activations already live in host memory. Off by "
-                  "default: it costs transfer time and pays when GPU memory is the limit (many layers, long rows)."})
+        metadata={"help": "Keep the activation checkpoints (each layer's input, in either checkpointing mode) and the "
+                  "LM head's saved hidden states in pinned host memory between forward and backward "
+                  "(pipeline/longctx/offload.py). Needs activation checkpointing (gradient_checkpointing: true), "
+                  "whose mode the recipe keeps. GPU only: on CPU activations already live in host memory."})
     sequence_parallel_size: int = dataclasses.field(
         default=1,
         metadata={"help": "Shard every sequence across this many processes (Ulysses all-to-all attention on "
-                  "torch.distributed, SDPA kernels). Must divide the world size and the (KV) head counts."})
-
+                  "torch.distributed, SDPA kernels). Must divide the world size and the (KV) head counts; DDP only."})
     shard_optimizer_state: bool = dataclasses.field(
-        default=True,
+        default=False,
         metadata={"help": "With DDP over several processes, each keeps the optimizer state (AdamW: 2 floats per "
                   "parameter) of only 1/world of the parameters (ZeRO stage 1 with torch's "
-                  "ZeroRedundancyOptimizer; exact). The state is gathered to rank 0 for checkpoints. No effect on "
-                  "one process or under DeepSpeed/FSDP, which shard on their own."})
+                  "ZeroRedundancyOptimizer; exact). The state is gathered to rank 0 for every checkpoint (steps, "
+                  "epoch or best). Under DeepSpeed use its ZeRO stages instead."})
+    gradient_as_bucket_view: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "DDP: gradients are views of DDP's all-reduce buckets instead of a second copy (one "
+                  "gradient-sized buffer less per process; exact)."})
 
     def __post_init__(self):
         if self.tiled_mlp_tile_tokens < 1:
             raise ValueError("key 'tiled_mlp_tile_tokens' must be >= 1")
-        if self.loss_vocab_chunk < 1:
+        if self.loss_vocab_chunk is not None and self.loss_vocab_chunk < 1:
             raise ValueError("key 'loss_vocab_chunk' must be >= 1")
         if self.sequence_parallel_size < 1:
             raise ValueError("key 'sequence_parallel_size' must be >= 1")
+
+    def active_on_model(self) -> bool:
+        """Whether a switch depends on the model's architecture (checked from its config before loading)."""
+        return self.tiled_mlp or self.lean_rmsnorm or self.sequence_parallel_size > 1
+
+    def active(self, training_args) -> list[str]:
+        """The switches this recipe turns on (DPO's padding_free is ours: TRL 1.16 ignores it)."""
+        on = [name for name in ("tiled_mlp", "lean_rmsnorm", "checkpoint_offload", "shard_optimizer_state",
+                                "gradient_as_bucket_view") if getattr(self, name)]
+        if self.loss_vocab_chunk is not None:
+            on.append("loss_vocab_chunk")
+        if self.sequence_parallel_size > 1:
+            on.append("sequence_parallel_size")
+        if getattr(training_args, "padding_free", False) and hasattr(training_args, "beta"):
+            on.append("padding_free")
+        return on
+
+
+def check_switches(lc_args: LongContextArguments, training_args, zero_stage: int | None) -> str | None:
+    """The first problem with the recipe's switches, or None. Runs at parse time, before anything loads."""
+    sp = lc_args.sequence_parallel_size
+    if lc_args.checkpoint_offload and not training_args.activation_checkpointing:
+        return ("key 'checkpoint_offload' offloads activation checkpoints: it needs 'gradient_checkpointing: true' "
+                "(or activation_checkpointing: true)")
+    if sp > 1 and zero_stage is not None:
+        return (f"key 'sequence_parallel_size' {sp} runs on DDP, not DeepSpeed ZeRO-{zero_stage}: launch with "
+                "accelerate_configs/ddp.yaml (docs/longctx.md)")
+    if sp > 1 and not training_args.average_tokens_across_devices:
+        return ("key 'sequence_parallel_size' > 1 needs 'average_tokens_across_devices: true': the ranks of a "
+                "sequence-parallel group must scale the shared loss by the same token count")
+    if lc_args.shard_optimizer_state and zero_stage is not None:
+        return (f"key 'shard_optimizer_state' is ZeRO-1 for DDP: DeepSpeed ZeRO-{zero_stage} already shards "
+                "(drop the key)")
+    return None
+
+
+def check_model(config, lc_args: LongContextArguments) -> str | None:
+    """The first switch that cannot work on a model with this config, or None (before the weights load)."""
+    text = config.get_text_config()
+    if (lc_args.tiled_mlp or lc_args.lean_rmsnorm) and text.model_type not in SUPPORTED_MODEL_TYPES:
+        key = "tiled_mlp" if lc_args.tiled_mlp else "lean_rmsnorm"
+        return (f"key '{key}' supports {', '.join(SUPPORTED_MODEL_TYPES)} models (gated MLP, "
+                f"{'/'.join(RMSNORM_CLASSES)}), not model_type '{text.model_type}': set {key}: false")
+    if lc_args.sequence_parallel_size > 1:
+        try:
+            check_heads(config, lc_args.sequence_parallel_size)
+        except ValueError as e:
+            return f"key 'sequence_parallel_size': {e}"
+    return None
 
 
 def _base(model):
     while hasattr(model, "module"):  # DDP / DeepSpeed engine
         model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextlib.contextmanager
+def _vocab_chunk(size: int | None):
+    """TRL's fused-head vocabulary chunk set to `size` for the forwards inside (TRL passes the value it read to its
+    autograd function, so backward uses the same), then restored: nothing else in the process sees it."""
+    if size is None:
+        yield
+        return
+    previous = getattr(trl_utils, VOCAB_CHUNK_GLOBAL)
+    setattr(trl_utils, VOCAB_CHUNK_GLOBAL, size)
+    try:
+        yield
+    finally:
+        setattr(trl_utils, VOCAB_CHUNK_GLOBAL, previous)
 
 
 class ShardedOptimizer(ZeroRedundancyOptimizer):
@@ -86,74 +174,98 @@ class ShardedOptimizer(ZeroRedundancyOptimizer):
         return super().state_dict()
 
 
-class _ConsolidateOptimizerState(TrainerCallback):
-    """Before a checkpoint, gather the sharded optimizer state to rank 0, which writes it (every rank must call)."""
-
-    def __init__(self, optimizer: ZeroRedundancyOptimizer):
-        self.optimizer = optimizer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if control.should_save:
-            self.optimizer.consolidate_state_dict(to=0)
-
-
-def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
-    """`trainer_cls` (TRL's SFTTrainer or DPOTrainer) with the long-context switches of `lc_args` applied."""
+def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_args):
+    """`trainer_cls` (TRL's SFTTrainer or DPOTrainer) with the switches of `lc_args` that are on; `trainer_cls` itself
+    when none is."""
+    if not lc_args.active(training_args):
+        return trainer_cls
 
     class LongContextTrainer(trainer_cls):
         def __init__(self, *args, **kwargs):
-            training_args = kwargs["args"]
-            if lc_args.checkpoint_offload:
-                # Reentrant checkpointing saves each layer's input through the saved-tensor hooks that offload it.
-                training_args.gradient_checkpointing = True
-                training_args.gradient_checkpointing_kwargs = {
-                    **(training_args.gradient_checkpointing_kwargs or {}), "use_reentrant": True}
-            # Padding-free rows go through our forward (per-sequence attention, no [T, T] mask). TRL 1.16's
-            # DPOTrainer ignores padding_free (with a warning): there the packing itself is ours.
-            self._pack = getattr(training_args, "padding_free", False)
-            if self._pack and hasattr(training_args, "beta"):
-                training_args.padding_free = False
+            args_ = kwargs["args"]
+            # DPO: TRL 1.16 ignores padding_free (with a warning); the packing is ours.
+            self._pack = getattr(args_, "padding_free", False)
+            if self._pack and hasattr(args_, "beta"):
+                args_.padding_free = False
+            self._sp_group, self._sp_on = None, False
             sp = lc_args.sequence_parallel_size
             if sp > 1:
                 check_heads(kwargs["model"].config, sp)
-            super().__init__(*args, **kwargs)
-            # DDP keeps a second copy of every gradient in its all-reduce buckets unless gradients are views of
-            # them: one gradient-sized buffer less per process (exact; applied before `train` wraps the model).
-            if self.accelerator.ddp_handler is not None:
-                self.accelerator.ddp_handler.gradient_as_bucket_view = True
-            # TRL exposes no argument for its fused LM head's vocabulary chunk; this module constant is read at
-            # every call.
-            trl_utils._CHUNKED_LOGPROB_CHUNK_SIZE = lc_args.loss_vocab_chunk
-
-            self._sp_group, self._sp_on = None, False
-            if sp > 1:
-                world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                world = args_.world_size  # sets up torch.distributed
                 if world % sp:
                     raise ValueError(f"sequence_parallel_size {sp} must divide the number of processes ({world}); "
                                      "launch with torchrun --nproc_per_node or a MULTI_GPU accelerate config")
-                if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-                    raise ValueError("sequence_parallel_size > 1 runs on DDP (or one process per group), not "
-                                     "DeepSpeed/FSDP: see docs/longctx.md for DeepSpeed's ALST Ulysses path")
                 self._sp_group, _ = torch.distributed.new_subgroups(group_size=sp)
-            models = [self.model] + ([self.ref_model] if getattr(self, "ref_model", None) is not None else [])
+            self._patch(kwargs["model"], kwargs.get("ref_model"), wrap=False)  # before a DPO precompute in __init__
+            super().__init__(*args, **kwargs)
+            self._patch(self.model, getattr(self, "ref_model", None))  # a reference TRL built, the PEFT wrapper
+            if lc_args.gradient_as_bucket_view and self.accelerator.ddp_handler is not None:
+                self.accelerator.ddp_handler.gradient_as_bucket_view = True  # read when `train` wraps the model
+
+        def _patch(self, *models, wrap: bool = True):
+            """Apply the model switches (idempotent). `wrap`: also the packing / sharding layer, which goes around
+            TRL's fused LM head and so only once TRL has added it (in its __init__)."""
             for model in models:
+                if model is None:
+                    continue
                 base = _base(model)
                 if lc_args.tiled_mlp:
                     patch_tiled_mlp(base, lc_args.tiled_mlp_tile_tokens)
                 if lc_args.lean_rmsnorm:
                     patch_rmsnorm(base, lc_args.tiled_mlp_tile_tokens)
-                if sp > 1 or (self._pack and base.config._attn_implementation == "sdpa"):
-                    base.set_attn_implementation(ATTN_IMPLEMENTATION)  # SDPA, per packed sequence / sharded
-                if self._pack or sp > 1:
-                    wrap_fused_forward(base, pack=self._pack, sp_group=self._sp_group,
-                                       sp_active=lambda: self._sp_on)
+                if wrap and (self._sp_group is not None or self._pack) and not getattr(base, "_longctx_wrapped", False):
+                    if base.config._attn_implementation == "sdpa" or self._sp_group is not None:
+                        base.set_attn_implementation(ATTN_IMPLEMENTATION)  # SDPA, per packed sequence / sharded
+                    wrap_fused_forward(base, pack=self._pack, sp_group=self._sp_group, sp_active=lambda: self._sp_on)
+                    base._longctx_wrapped = True
+
+        # DPO computes precomputed reference log-probs inside __init__, after TRL adds its fused LM head: apply the
+        # packing / sharding layer there first, so the reference pass runs like training (pinned by test_contracts).
+        def _precompute_ref_logps(self, dataset, name, batch_size):
+            self._patch(self.model, self.ref_model)
+            with _vocab_chunk(lc_args.loss_vocab_chunk):
+                return super()._precompute_ref_logps(dataset, name, batch_size)
+
+        def compute_ref_log_probs(self, model, inputs):  # DPO's reference pass (precompute or evaluation)
+            if self._sp_group is None:
+                return super().compute_ref_log_probs(model, inputs)
+            # Like training_step: the group scores every rank's batch, sharded, and each rank keeps its own.
+            results = self._each_group_batch(inputs, lambda batch: super(LongContextTrainer, self)
+                                             .compute_ref_log_probs(model, batch))
+            return results[torch.distributed.get_rank(self._sp_group)]
+
+        def _each_group_batch(self, inputs, fn):
+            batches = [None] * torch.distributed.get_world_size(self._sp_group)
+            local = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
+            torch.distributed.all_gather_object(batches, local, group=self._sp_group)
+            device = next(v.device for v in inputs.values() if torch.is_tensor(v))
+            self._sp_on = True
+            try:
+                return [fn({k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()})
+                        for batch in batches]
+            finally:
+                self._sp_on = False
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            offload = offload_saved_tensors() if lc_args.checkpoint_offload else contextlib.nullcontext()
+            with _vocab_chunk(lc_args.loss_vocab_chunk), offload:  # forward only: backward unpacks what was saved
+                return super().compute_loss(model, inputs, *args, **kwargs)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            if self._sp_group is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            # The group works through the micro-batches of all its ranks in turn, each sharded along the sequence,
+            # so a step sees the same samples, and (with DDP's averaging) the same gradient as plain data parallel.
+            losses = self._each_group_batch(inputs, lambda batch: super(LongContextTrainer, self)
+                                            .training_step(model, batch, num_items_in_batch))
+            return torch.stack(losses).mean()
 
         def create_optimizer(self, model=None):
             built = self.optimizer is not None
             optimizer = super().create_optimizer(model)
             multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-            if (built or not lc_args.shard_optimizer_state or not multi or self.is_deepspeed_enabled
-                    or self.is_fsdp_enabled):
+            if built or not lc_args.shard_optimizer_state or not multi or self.is_deepspeed_enabled \
+                    or self.is_fsdp_enabled:
                 return optimizer
             cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
                 self.args, self.model if model is None else model)
@@ -169,31 +281,15 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments):
             # parameter lives on one rank, which broadcasts the updated parameter after the step.
             self.optimizer = ShardedOptimizer([dict(g) for g in optimizer.param_groups], optimizer_class=cls,
                                               **kwargs)
-            self.add_callback(_ConsolidateOptimizerState(self.optimizer))
             return self.optimizer
 
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            if not lc_args.checkpoint_offload:
-                return super().compute_loss(model, inputs, *args, **kwargs)
-            with offload_saved_tensors():  # forward only: backward unpacks what was saved here
-                return super().compute_loss(model, inputs, *args, **kwargs)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            if self._sp_group is None:
-                return super().training_step(model, inputs, num_items_in_batch)
-            # The group works through the micro-batches of all its ranks in turn, each sharded along the sequence,
-            # so a step sees the same samples, and (with DDP's averaging) the same gradient as plain data parallel.
-            batches = [None] * torch.distributed.get_world_size(self._sp_group)
-            local = {k: v.cpu() if torch.is_tensor(v) else v for k, v in inputs.items()}
-            torch.distributed.all_gather_object(batches, local, group=self._sp_group)
-            losses = []
-            self._sp_on = True
-            try:
-                for batch in batches:
-                    losses.append(super().training_step(model, batch, num_items_in_batch))
-            finally:
-                self._sp_on = False
-            return torch.stack(losses).mean()
+        # Every checkpoint (save_strategy steps, epoch or best) goes through here on every rank: gather the sharded
+        # optimizer state to rank 0, which writes it (a collective; pinned by test_contracts).
+        def _save_checkpoint(self, model, trial):
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
+            if isinstance(optimizer, ZeroRedundancyOptimizer) and optimizer.optim.state:
+                optimizer.consolidate_state_dict(to=0)
+            return super()._save_checkpoint(model, trial)
 
     LongContextTrainer.__name__ = LongContextTrainer.__qualname__ = f"LongContext{trainer_cls.__name__}"
     return LongContextTrainer
