@@ -1,0 +1,201 @@
+"""Every real recipe's exact path at tiny scale (tests/recipe_harness.py says what shrinks and what is kept).
+
+Fast tier, one process each, in-process: the recipe trains 4 steps and logs a nonzero loss and gradient at every
+step, every trainable tensor moves between the step-2 checkpoint and the end, the switches it turns on are really
+active, its exact switches give plain TRL's per-step losses and gradient norms with the same keys, and the saved
+artifact reloads with stock APIs. Slow tier: the same with the recipe's accelerate config on 2 processes (its ZeRO
+stage and offload, sequence parallelism over both), plus a kill after the step-2 checkpoint and a resume that logs the
+uninterrupted run's losses.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests import recipe_harness as H
+
+IDS = [f"{p.parent.name}/{p.name}" for p in H.REAL_RECIPES]
+# bf16 on CPU: the switches change the order of floating-point sums, nothing else. The comparisons run at a learning
+# rate of 1e-3, where 4 steps keep that rounding from compounding (measured: <= 1e-4 on losses, <= 6e-4 on norms).
+LOSS_RTOL, GRAD_NORM_RTOL = 1e-3, 5e-3
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    root = tmp_path_factory.mktemp("harness")
+    models = {family: H.build_family_model(family, root / "models") for family in H.FAMILIES}
+    data = {name: H.build_dataset(name, root / "data") for name in H.DATASETS}
+    return models, data
+
+
+def test_every_real_recipe_is_covered():
+    """A new recipe needs its model family and its dataset's format here before it can ship."""
+    assert len(H.REAL_RECIPES) >= 9
+    for recipe in H.REAL_RECIPES:
+        assert recipe.parent.name in H.FAMILIES, f"{recipe}: add its model family to tests/recipe_harness.FAMILIES"
+        for name in H.datasets_of(recipe):
+            assert name in H.DATASETS, f"{recipe}: add dataset {name}'s format to tests/recipe_harness.DATASETS"
+
+
+def _assert_trained(out: Path, steps: int = 4):
+    log = H.logged(out)
+    assert sorted(log) == list(range(1, steps + 1)), log
+    for step, entry in log.items():  # a step that trains on nothing logs 0 (e.g. packed chunks without a reply)
+        assert math.isfinite(entry["loss"]) and entry["loss"] > 0 and entry["grad_norm"] > 0, (step, entry)
+    before, after = H.artifact_tensors(out / "checkpoint-2"), H.artifact_tensors(out)
+    assert before.keys() == after.keys() and before
+    frozen = [k for k in before if torch.equal(before[k], after[k])]
+    assert not frozen, f"tensors that did not train between steps 2 and 4: {frozen[:5]}"
+
+
+def _assert_reloads(out: Path, lora: bool):
+    if lora:
+        from peft import AutoPeftModelForCausalLM
+
+        model = AutoPeftModelForCausalLM.from_pretrained(out)
+        assert any("lora_" in n for n, _ in model.named_parameters())
+    else:
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(out)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def _assert_same_steps(ours: Path, plain: Path, steps=None):
+    a, b = H.logged(ours), H.logged(plain)
+    steps = steps or sorted(b)
+    for step in steps:
+        assert a[step]["loss"] == pytest.approx(b[step]["loss"], rel=LOSS_RTOL), (step, a[step], b[step])
+        assert a[step]["grad_norm"] == pytest.approx(b[step]["grad_norm"], rel=GRAD_NORM_RTOL), (step, a[step], b[step])
+
+
+# ------------------------------------------------------------------------------------------------ fast: 1 process
+
+
+class _Active:
+    """Counts what the long-context switches really run during a stage (the CPU counts as the offload device)."""
+
+    def __init__(self, monkeypatch):
+        import trl.trainer.utils as trl_utils
+
+        from pipeline.longctx import offload, rmsnorm, tiled_mlp
+
+        self.seen = {"tiled_mlp": 0, "lean_rmsnorm": 0, "chunks": set(), "offloaded": 0}
+        originals = (tiled_mlp.TiledMLPFunction.apply, rmsnorm.RMSNormFunction.apply,
+                     trl_utils._ChunkedLogProbFunction.apply)
+
+        def count(key, fn):
+            return staticmethod(lambda *a: self.seen.__setitem__(key, self.seen[key] + 1) or fn(*a))
+
+        monkeypatch.setattr(tiled_mlp.TiledMLPFunction, "apply", count("tiled_mlp", originals[0]))
+        monkeypatch.setattr(rmsnorm.RMSNormFunction, "apply", count("lean_rmsnorm", originals[1]))
+        monkeypatch.setattr(trl_utils._ChunkedLogProbFunction, "apply",
+                            staticmethod(lambda *a: self.seen["chunks"].add(a[5]) or originals[2](*a)))
+        monkeypatch.setattr(offload, "DEVICE_TYPES", ("cpu",))
+        real = offload.offload_saved_tensors
+
+        def counting():
+            hooks = real(min_bytes=0)  # tiny activations are far below the 1 MB worth a transfer
+
+            def pack(t):
+                packed = hooks.pack_hook(t)
+                self.seen["offloaded"] += packed is not t
+                return packed
+
+            return torch.autograd.graph.saved_tensors_hooks(pack, hooks.unpack_hook)
+
+        import pipeline.longctx.trainer as trainer_module
+
+        monkeypatch.setattr(trainer_module, "offload_saved_tensors", counting)
+
+    def check(self, recipe: Path):
+        cfg = H.load_yaml(recipe)
+        if cfg.get("tiled_mlp"):
+            assert self.seen["tiled_mlp"] > 0
+        if cfg.get("lean_rmsnorm"):
+            assert self.seen["lean_rmsnorm"] > 0
+        if cfg.get("loss_vocab_chunk"):
+            assert self.seen["chunks"] == {64}, self.seen["chunks"]
+        if cfg.get("checkpoint_offload"):
+            assert self.seen["offloaded"] > 0
+
+
+def _run_in_process(recipe, args):
+    return importlib.import_module(f"pipeline.{H.stage_of(recipe)}").main(args)
+
+
+@pytest.mark.parametrize("recipe", H.REAL_RECIPES, ids=IDS)
+def test_recipe_path_one_process(recipe, harness, tmp_path, monkeypatch):
+    models, data = harness
+    monkeypatch.chdir(H.ROOT)
+    model = models[recipe.parent.name]
+    active = _Active(monkeypatch)
+    out = tmp_path / "run"
+    metrics = _run_in_process(recipe, H.tiny_args(recipe, model, data, out, processes=1))
+    assert metrics["global_step"] == 4 and metrics["world_size"] == 1
+    _assert_trained(out)
+    active.check(recipe)
+    _assert_reloads(out, H.uses_lora(recipe))
+    if H.has_switches(recipe):
+        # Dropout masks are drawn per tile, so the comparison runs without them (tests/test_longctx_paths.py checks
+        # that the tiles replay theirs); everything else as the recipe says.
+        no_dropout = ["--lora_dropout", "0.0"] if H.uses_lora(recipe) else []
+        ours, plain = tmp_path / "ours", tmp_path / "plain"
+        _run_in_process(recipe, H.tiny_args(recipe, model, data, ours, processes=1, lr="1e-3") + no_dropout)
+        _run_in_process(recipe, H.tiny_args(recipe, model, data, plain, processes=1, lr="1e-3") + no_dropout
+                        + H.switches_off(recipe))
+        _assert_same_steps(ours, plain)
+
+
+# ------------------------------------------------------------------------------------------------ slow: 2 processes
+
+
+def _launch(recipe: Path, args: list[str]) -> subprocess.CompletedProcess:
+    cfg = H.load_yaml(recipe)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                                  os.path.expanduser("~/.cache/torch_extensions"))}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(H.ROOT / cfg["accelerate_config"]), "--num_processes", "2"]
+    proc = subprocess.run([*launch, str(H.ROOT / "pipeline" / f"{H.stage_of(recipe)}.py"), *args], cwd=H.ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    return proc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", H.REAL_RECIPES, ids=IDS)
+def test_recipe_path_two_processes(recipe, harness, tmp_path):
+    models, data = harness
+    model = models[recipe.parent.name]
+    out = tmp_path / "run"
+    _launch(recipe, H.tiny_args(recipe, model, data, out, processes=2))
+    result = json.loads((out / "stage_result.json").read_text())
+    assert result["metrics"]["world_size"] == 2 and result["metrics"]["global_step"] == 4
+    _assert_trained(out)
+    _assert_reloads(out, H.uses_lora(recipe))
+
+    resumed = H.kill_after(out, 2, tmp_path / "resumed")
+    _launch(recipe, H.tiny_args(recipe, model, data, resumed, processes=2))
+    a, b = H.logged(out), H.logged(resumed)
+    for step in (3, 4):  # logged again after the resume from checkpoint-2
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), (step, a[step], b[step])
+
+    if H.has_switches(recipe):
+        no_dropout = ["--lora_dropout", "0.0"] if H.uses_lora(recipe) else []
+        ours, plain = tmp_path / "ours", tmp_path / "plain"
+        _launch(recipe, H.tiny_args(recipe, model, data, ours, processes=2, lr="1e-3") + no_dropout)
+        _launch(recipe, H.tiny_args(recipe, model, data, plain, processes=2, lr="1e-3") + no_dropout
+                + H.switches_off(recipe))
+        _assert_same_steps(ours, plain)
