@@ -35,7 +35,7 @@ from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION, check_heads
 logger = logging.getLogger(__name__)
 
 # TRL exposes no argument for its fused LM head's vocabulary chunk; its forward reads this module global at every call
-# (pinned by tests/test_contracts.py).
+# (pinned by tests/test_longctx_contracts.py).
 VOCAB_CHUNK_GLOBAL = "_CHUNKED_LOGPROB_CHUNK_SIZE"
 
 
@@ -219,8 +219,8 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
                     wrap_fused_forward(base, pack=self._pack, sp_group=self._sp_group, sp_active=lambda: self._sp_on)
                     base._longctx_wrapped = True
 
-        # DPO computes precomputed reference log-probs inside __init__, after TRL adds its fused LM head: apply the
-        # packing / sharding layer there first, so the reference pass runs like training (pinned by test_contracts).
+        # DPO precomputes reference log-probs inside __init__, after TRL adds its fused LM head: apply the packing /
+        # sharding layer there first, so the reference pass runs like training (pinned: tests/test_longctx_contracts).
         def _precompute_ref_logps(self, dataset, name, batch_size):
             self._patch(self.model, self.ref_model)
             with _vocab_chunk(lc_args.loss_vocab_chunk):
@@ -284,7 +284,7 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
             return self.optimizer
 
         # Every checkpoint (save_strategy steps, epoch or best) goes through here on every rank: gather the sharded
-        # optimizer state to rank 0, which writes it (a collective; pinned by test_contracts).
+        # optimizer state to rank 0, which writes it (a collective; pinned: tests/test_longctx_contracts).
         def _save_checkpoint(self, model, trial):
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
             if isinstance(optimizer, ZeroRedundancyOptimizer) and optimizer.optim.state:

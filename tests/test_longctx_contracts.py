@@ -1,0 +1,79 @@
+"""The private details of TRL and transformers that pipeline/longctx depends on. Each test says what changed when it
+breaks, so that a minor release that moves one of them fails here, not silently in a long run."""
+
+import inspect
+
+import torch
+import trl.trainer.utils as trl_utils
+from transformers import Trainer
+from trl import DPOTrainer
+
+from pipeline.longctx.trainer import VOCAB_CHUNK_GLOBAL
+
+
+def _fused_forward_code():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    trl_utils.add_fused_lm_head(model)
+    return model.forward.__func__.__code__
+
+
+def test_trl_reads_its_vocabulary_chunk_global_at_call_time():
+    assert isinstance(getattr(trl_utils, VOCAB_CHUNK_GLOBAL, None), int), (
+        f"trl.trainer.utils.{VOCAB_CHUNK_GLOBAL} is gone: loss_vocab_chunk would do nothing (find TRL's new knob)")
+    assert VOCAB_CHUNK_GLOBAL in _fused_forward_code().co_names, (
+        f"TRL's fused LM head no longer reads {VOCAB_CHUNK_GLOBAL} when it runs: loss_vocab_chunk would do nothing")
+
+
+def test_vocabulary_chunk_reaches_trls_function_and_is_restored():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.longctx.trainer import _vocab_chunk
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    trl_utils.add_fused_lm_head(model)
+    seen, original = [], trl_utils._ChunkedLogProbFunction.apply
+    trl_utils._ChunkedLogProbFunction.apply = staticmethod(lambda *a: seen.append(a[5]) or original(*a))
+    try:
+        ids = torch.randint(0, 64, (1, 9))
+        before = getattr(trl_utils, VOCAB_CHUNK_GLOBAL)
+        with _vocab_chunk(8):
+            model(input_ids=ids, labels=ids, fused_lm_head=True)
+        model(input_ids=ids, labels=ids, fused_lm_head=True)
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = original
+    assert seen == [8, before], ("TRL's _ChunkedLogProbFunction.apply no longer takes the vocabulary chunk as its "
+                                 f"6th argument (saw {seen})")
+    assert getattr(trl_utils, VOCAB_CHUNK_GLOBAL) == before
+
+
+def test_dpo_precompute_hook_is_where_we_patch():
+    params = list(inspect.signature(DPOTrainer._precompute_ref_logps).parameters)
+    assert params == ["self", "dataset", "name", "batch_size"], (
+        f"DPOTrainer._precompute_ref_logps is now {params}: the long-context trainer applies its packing layer there "
+        "before the reference precompute")
+    assert "self._precompute_ref_logps(" in inspect.getsource(DPOTrainer.__init__), (
+        "DPOTrainer.__init__ no longer precomputes through _precompute_ref_logps: the reference pass may run before "
+        "the long-context switches again")
+    params = list(inspect.signature(DPOTrainer.compute_ref_log_probs).parameters)
+    assert params == ["self", "model", "inputs"], f"DPOTrainer.compute_ref_log_probs is now {params} (SP uses it)"
+
+
+def test_every_checkpoint_goes_through_save_checkpoint_on_every_rank():
+    params = list(inspect.signature(Trainer._save_checkpoint).parameters)
+    assert params == ["self", "model", "trial"], (
+        f"Trainer._save_checkpoint is now {params}: shard_optimizer_state gathers the optimizer state there")
+    source = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert "self._save_checkpoint(" in source and "should_save" in source, (
+        "Trainer._maybe_log_save_evaluate no longer saves through _save_checkpoint: check where epoch / best saves "
+        "happen before trusting shard_optimizer_state")
+
+
+def test_trainer_reads_activation_checkpointing_not_the_aliases():
+    source = inspect.getsource(Trainer)
+    assert "args.activation_checkpointing_kwargs" in source, (
+        "the Trainer no longer reads activation_checkpointing_kwargs: pipeline.training.checkpointing() would print "
+        "the wrong mode")
