@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 from trl import get_peft_config, get_quantization_config
 
 from pipeline.config import ModelArguments, RecipeError
@@ -137,6 +138,28 @@ def _disable_packed_cpu_4bit(model) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+class KeepTrainableDtypes(TrainerCallback):
+    """A resume must not change what trains in which precision. TRL casts a QLoRA adapter to bf16 when training in
+    bf16, but the Trainer resumes a PEFT model through `load_adapter`, which loads the adapter in float32 (and then the
+    optimizer state in float32 too): the resumed run would train other numbers than the uninterrupted one. At the start
+    of training this puts every trainable parameter, and its optimizer state, back in the dtype it had when the trainer
+    was built (a lossless cast back: the checkpoint holds them in that dtype)."""
+
+    def __init__(self, model):
+        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+        for name, p in (model.named_parameters() if model is not None else ()):
+            want = self.dtypes.get(name)
+            if want is None or p.dtype == want:
+                continue
+            p.data = p.data.to(want)
+            for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
+                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
+                    optimizer.state[p][key] = value.to(want)
 
 
 def peft_config(model_args: ModelArguments):

@@ -127,6 +127,9 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) 
     resume = last_checkpoint(args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
+    from pipeline.modeling import KeepTrainableDtypes
+
+    trainer.add_callback(KeepTrainableDtypes(trainer.model))
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     metrics = dict(result.metrics)
