@@ -229,7 +229,7 @@ TYPE_OVERRIDES: dict[str, Any] = {"resume_from_checkpoint": bool | str | None}
 
 
 def _check_value(fields, key: str, value: Any, where: str, cli_raw: str | None = None) -> Any:
-    from pipeline.validation import check_value, shown
+    from pipeline.validation import check_path, check_value, shown
 
     if key not in fields:
         raise RecipeError(f"{where}: unknown key '{key}'{_nearest(key, fields)}")
@@ -245,6 +245,7 @@ def _check_value(fields, key: str, value: Any, where: str, cli_raw: str | None =
         except _Mismatch:
             raise RecipeError(f"{where}: option --{key} must be {_type_name(tp)}, got {shown(cli_raw)}") from None
     check_value(owner, key, value, where)
+    check_path(key, value, where)
     if key == "datasets":
         for i, item in enumerate(value):
             if not isinstance(item, dict) or "path" not in item:

@@ -272,3 +272,38 @@ def check_teacher_spec(cls: type, spec: dict, where: str) -> dict:
         if not os.environ.get(env):
             raise RecipeError(f"{where}: key 'api_key_env': environment variable {env} is not set")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths
+# ---------------------------------------------------------------------------------------------
+
+
+def check_output_dir(path: str, where: str, key: str = "output_dir") -> None:
+    """`path` is (or can be created as) a directory this process can write, checked before any work: the
+    nearest existing ancestor is a directory and a file can be created in it. Nothing is created here."""
+    import tempfile
+    from pathlib import Path
+
+    p = Path(path).expanduser().absolute()
+    if p.exists() and not p.is_dir():
+        raise RecipeError(f"{where}: key '{key}': {path} is a file, not a directory")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RecipeError(f"{where}: key '{key}': cannot create {path}: {probe} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probe, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise RecipeError(f"{where}: key '{key}': {path} is not writable ({probe}: {e.strerror})") from None
+
+
+# key -> path check, applied by `parse` to keys a recipe sets
+PATH_CHECKS: dict[str, Callable[[str, str, str], None]] = {"output_dir": check_output_dir}
+
+
+def check_path(key: str, value: Any, where: str) -> None:
+    if key in PATH_CHECKS and isinstance(value, str) and value:
+        PATH_CHECKS[key](value, where, key)

@@ -117,25 +117,26 @@ def _bad(tmp_path, rows):
 
 @pytest.mark.parametrize("rows,message", [
     ([{"question": "q", "answer": "a"}], r"columns \['answer', 'question'\] do not fit the sft stage"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "bot", "content": "x"}]}],
-     "row 1: column 'messages' has an unknown role 'bot'"),
-    ([{"messages": []}], "row 0: column 'messages' is an empty list"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+      {"messages": [{"role": "bot", "content": "x"}]}],
+     "bad.jsonl: line 2: column 'messages' has an unknown role 'bot'"),
+    ([{"messages": []}], "bad.jsonl: line 1: column 'messages' is an empty list"),
 ])
 def test_bad_sft_data(tiny_model_dir, tmp_path, rows, message):
     with pytest.raises(RecipeError, match=message):
         _sft(tiny_model_dir, _bad(tmp_path, rows), tmp_path / "out")
 
 
-def test_bad_dpo_data_and_paths(tiny_model_dir, sft_jsonl, tmp_path):
+def test_bad_dpo_data_and_paths(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path):
     with pytest.raises(RecipeError, match="do not fit the dpo stage"):
         _dpo(tiny_model_dir, sft_jsonl, tmp_path / "out")
     with pytest.raises(RecipeError, match="dataset .*missing.jsonl not found"):
         _dpo(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "out")
     with pytest.raises(RecipeError, match="model_name_or_path.*not found"):
-        _dpo(tmp_path / "no-model", sft_jsonl, tmp_path / "out")
+        _dpo(tmp_path / "no-model", dpo_jsonl, tmp_path / "out")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": \n')
-    with pytest.raises(RecipeError, match="broken.jsonl: cannot read"):
+    with pytest.raises(RecipeError, match=r"broken.jsonl: line 2: invalid JSON \(Expecting value"):
         _dpo(tiny_model_dir, broken, tmp_path / "out")
 
 
