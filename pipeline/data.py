@@ -124,20 +124,25 @@ def check_data_files(args: DataArguments, stage: Stage, source: str) -> None:
     paths += [(f"{source}: datasets[{i}]", cfg["path"]) for i, cfg in enumerate(args.datasets)]
     for where, path in paths:
         p = Path(path)
+        if p.is_file() and p.suffix not in _FILE_BUILDERS:
+            raise RecipeError(f"{where}: {path}: unsupported file type '{p.suffix}' (use {', '.join(_FILE_BUILDERS)})")
         if p.is_file() and p.suffix in (".jsonl", ".json"):
-            _check_json_file(p, stage, where)
+            try:
+                _check_json_file(p, stage)
+            except RecipeError as e:
+                raise RecipeError(f"{where}: {e}") from None
         elif not p.exists() and p.suffix in _FILE_BUILDERS:
             raise RecipeError(f"{where}: dataset {path} not found")
 
 
-def _check_json_file(path: Path, stage: Stage, where: str) -> None:
+def _check_json_file(path: Path, stage: Stage) -> None:
     import json
 
     from pipeline.config import read_text
 
     text = read_text(path, "data file")
     if not text.strip():
-        raise RecipeError(f"{where}: {path}: the file is empty (no rows)")
+        raise RecipeError(f"{path}: the file is empty (no rows)")
     if path.suffix == ".json" and text.lstrip()[:1] in "[{":
         try:
             data = json.loads(text)
@@ -146,7 +151,7 @@ def _check_json_file(path: Path, stage: Stage, where: str) -> None:
         rows = data if isinstance(data, list) else None
         if rows is not None:
             if not rows:
-                raise RecipeError(f"{where}: {path}: the file is empty (no rows)")
+                raise RecipeError(f"{path}: the file is empty (no rows)")
             for n, row in enumerate(rows[:MAX_CHECKED_ROWS], 1):
                 problem = row_problem(row, stage) if isinstance(row, dict) else "is not a JSON object"
                 if problem:

@@ -264,6 +264,10 @@ def check_teacher_spec(cls: type, spec: dict, where: str) -> dict:
             raise RecipeError(f"{where}: key '{k}' must be {_type_name(hints[k])}, got {shown(v)}") from None
         check_value(cls, k, v, where)
         out[k] = v
+    if isinstance(out.get("model_name_or_path"), str):  # a local-model teacher: a model, checked before loading
+        from pipeline.modeling import check_model_path
+
+        check_model_path(out["model_name_or_path"], where)
     env = out.get("api_key_env")
     if env is not None:
         if looks_secret(env) or not _ENV_NAME.match(env):
