@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -41,6 +42,12 @@ def check_model_path(name: str, where: str, key: str = "model_name_or_path", tok
             missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
         if missing:
             raise RecipeError(f"{where}: key '{key}': {name} is not a model directory (no {', no '.join(missing)})")
+        for cfg in ("config.json", "adapter_config.json"):
+            if (p / cfg).is_file():
+                try:
+                    json.loads((p / cfg).read_text())
+                except (ValueError, UnicodeDecodeError):
+                    raise RecipeError(f"{where}: key '{key}': {p / cfg} is not valid JSON") from None
         return
     if _looks_local(name):
         raise RecipeError(f"{where}: key '{key}': {name} not found")
@@ -120,7 +127,11 @@ def load_model(path: str, model_args: ModelArguments, training_args):
             from accelerate import PartialState
 
             kwargs["device_map"] = {"": PartialState().local_process_index}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:  # the path was checked: unreadable or truncated weights
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RecipeError(f"cannot load a model from {path}: {first}") from None
     if quantization_config is not None:
         _disable_packed_cpu_4bit(model)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):

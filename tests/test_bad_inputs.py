@@ -98,6 +98,13 @@ class Ctx:
             shutil.copy(self.model / f, d / f)
         return str(d)
 
+    def broken_config(self) -> str:
+        d = Path(self.model_without_tokenizer())
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            (d / f).write_text((self.model / f).read_text())
+        (d / "config.json").write_text('{"model_type": "llama",')
+        return str(d)
+
     def checkpoint(self, keys: dict, step: int = 2) -> None:
         ckpt = self.out / f"checkpoint-{step}"
         ckpt.mkdir(parents=True)
@@ -235,6 +242,8 @@ CASES: list[tuple[str, str, object, list[str]]] = [
      ["key 'model_name_or_path'", "nobody-xyz/no-such-model", "not in the hub cache"]),
     ("model-no-tokenizer", "sft", lambda c: ["--model_name_or_path", c.model_without_tokenizer(), *c.sft_args()[2:]],
      ["key 'model_name_or_path'", "no tokenizer files"]),
+    ("model-config-not-json", "sft", lambda c: ["--model_name_or_path", c.broken_config(), *c.sft_args()[2:]],
+     ["key 'model_name_or_path'", "config.json is not valid JSON"]),
     ("model-missing", "sft", lambda c: ["--model_name_or_path", str(c.tmp / "gone"), *c.sft_args()[2:]],
      ["key 'model_name_or_path'", "gone not found"]),
     ("model-missing-tiny-spec", "sft", lambda c: ["--model_name_or_path", str(c.tmp / "gone"), "--tiny_model",
@@ -436,3 +445,19 @@ def test_cli_evaluate_output_dir_before_work(tmp_path, tiny_model_dir):
     assert len(errors) == 1 and "key 'output_dir'" in errors[0] and "blocker is a file" in errors[0]
     assert "accuracy" not in proc.stdout + proc.stderr  # failed before scoring anything
     print(f"evaluate failed on its output dir after {time.perf_counter() - start:.1f} s (process start included)")
+
+
+def test_teacher_that_fails_after_its_retries_is_one_line(tmp_path, capsys):
+    """A transient failure that exhausted its retries: one line, exit 3 (not 2: the input may be fine), nothing
+    complete."""
+    from pipeline import generate
+
+    ctx = Ctx(tmp_path, tmp_path, tmp_path, tmp_path)
+    argv = ctx.gen_args("--teachers", "[{type: openai, base_url: 'http://127.0.0.1:9/v1', model: m, max_retries: 0}]")
+    with pytest.raises(SystemExit) as exit_:
+        cli(generate.main, argv)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 3 and "Traceback" not in err
+    assert len(errors) == 1 and "teacher 'openai'" in errors[0] and "failed after 1 attempts" in errors[0]
+    assert not (ctx.out / "stage_result.json").exists() and not (ctx.out / "sft.jsonl").exists()
