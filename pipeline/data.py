@@ -140,38 +140,59 @@ def _check_json_file(path: Path, stage: Stage) -> None:
 
     from pipeline.config import read_text
 
-    text = read_text(path, "data file")
-    if not text.strip():
-        raise RecipeError(f"{path}: the file is empty (no rows)")
-    if path.suffix == ".json" and text.lstrip()[:1] in "[{":
+    if path.suffix == ".json":
+        text = read_text(path, "data file")
+        if not text.strip():
+            raise RecipeError(f"{path}: the file is empty (no rows)")
+        if text.lstrip()[:1] not in "[{":
+            return _check_json_lines(path, stage)  # JSON Lines with a .json name
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise RecipeError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        rows = data if isinstance(data, list) else None
-        if rows is not None:
-            if not rows:
+        if isinstance(data, list):
+            if not data:
                 raise RecipeError(f"{path}: the file is empty (no rows)")
-            for n, row in enumerate(rows[:MAX_CHECKED_ROWS], 1):
+            for n, row in enumerate(data[:MAX_CHECKED_ROWS], 1):
                 problem = row_problem(row, stage) if isinstance(row, dict) else "is not a JSON object"
                 if problem:
                     raise RecipeError(f"{path}: row {n}: {problem}")
-        return
-    checked = 0
-    for n, line in enumerate(text.splitlines()[:MAX_SCANNED_LINES], 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise RecipeError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-        if checked < MAX_CHECKED_ROWS:
-            checked += 1
-            problem = row_problem(row, stage)
-            if problem:
-                raise RecipeError(f"{path}: line {n}: {problem}")
+        return None
+    return _check_json_lines(path, stage)
+
+
+def _check_json_lines(path: Path, stage: Stage) -> None:
+    """One JSON object per line, streamed: the first MAX_SCANNED_LINES lines parsed, MAX_CHECKED_ROWS rows checked."""
+    import json
+
+    rows = 0
+    try:
+        fh = path.open("rb")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    with fh:
+        for n, raw in enumerate(fh, 1):
+            if n > MAX_SCANNED_LINES:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{path}: line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+            rows += 1
+            if rows <= MAX_CHECKED_ROWS:
+                problem = row_problem(row, stage)
+                if problem:
+                    raise RecipeError(f"{path}: line {n}: {problem}")
+    if rows == 0:
+        raise RecipeError(f"{path}: the file is empty (no rows)")
 
 
 def load_train_data(args: DataArguments, stage: Stage, source: str, seed: int = 0):

@@ -245,7 +245,10 @@ def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict) -
     def terminated(signum, frame):  # a killed runner ends its stage (finally below), then exits
         raise SystemExit(128 + signum)
 
-    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     proc = None
     try:
         with open(log_path, "a") as log, console.status(f"[{index}/{total}] {stage.name}: running") as status:
@@ -263,7 +266,8 @@ def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict) -
     finally:
         if proc is not None and proc.poll() is None:
             _end_group(proc)
-        signal.signal(signal.SIGTERM, previous)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if code != 0:
         lines = log_path.read_text().splitlines()
         errors = [line for line in lines[-50:] if line.startswith("error: ")]

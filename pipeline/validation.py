@@ -126,10 +126,8 @@ RANGES: dict[str, tuple[Range, ...]] = {
     "max_train_samples": (ONE,),
     "eval_examples": (ONE,),
     "fraction": (Range(0, 1, lo_open=True),),  # datasets[i].fraction: a share of the mixture
-    # ours: long context
-    "tiled_mlp_tile_tokens": (ONE,),
-    "loss_vocab_chunk": (ONE,),
-    "sequence_parallel_size": (ONE,),
+    # ours: long context (tiled_mlp_tile_tokens, loss_vocab_chunk, sequence_parallel_size) are checked by
+    # LongContextArguments.__post_init__ (pipeline/longctx), which parse reports the same way
     # ours: generation, evaluation, EvoPrompt, tiny model, NIAH
     "n_per_task": (ONE,),
     "difficulty": (ONE,),
@@ -221,7 +219,8 @@ def looks_secret(value: Any) -> bool:
     s = value.strip()
     if _SECRET_PREFIX.match(s):
         return True
-    if _TOKENISH.match(s) and re.search(r"\d", s) and re.search(r"[A-Za-z]", s) and "/" not in s and "." not in s:
+    if (_TOKENISH.match(s) and re.search(r"\d", s) and re.search(r"[A-Za-z]", s) and "/" not in s and "." not in s
+            and not re.fullmatch(r"[A-Z0-9_]+", s)):  # an ALL_CAPS_NAME is an environment variable's name
         return True
     return any(v == s for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8)
 

@@ -79,7 +79,8 @@ def test_failed_stage_exits_with_its_one_line_error(pipeline_yaml, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith(f"error: stage 'sft': {broken}: line 1: invalid JSON")
+    assert len(errors) == 1 and errors[0].startswith(f"error: stage 'sft': {sft}: key 'dataset_name': {broken}: "
+                                                     "line 1: invalid JSON")
     assert "| sft | failed |" in (tmp_path / "out" / "report.md").read_text()
     assert not (tmp_path / "out" / "sft" / "stage_result.json").exists()
 
