@@ -461,3 +461,15 @@ def test_teacher_that_fails_after_its_retries_is_one_line(tmp_path, capsys):
     assert exit_.value.code == 3 and "Traceback" not in err
     assert len(errors) == 1 and "teacher 'openai'" in errors[0] and "failed after 1 attempts" in errors[0]
     assert not (ctx.out / "stage_result.json").exists() and not (ctx.out / "sft.jsonl").exists()
+
+
+def test_long_env_var_names_are_names_not_secrets(monkeypatch):
+    from pipeline.generation.teachers import make_teacher
+    from pipeline.validation import looks_secret
+
+    monkeypatch.setenv("OPENAI_API_KEY_FOR_THE_PROD_CLUSTER_2026", "value-of-the-key-1234567890")
+    teacher = make_teacher({"type": "openai", "base_url": "http://x/v1", "model": "m",
+                            "api_key_env": "OPENAI_API_KEY_FOR_THE_PROD_CLUSTER_2026"}, "r.yaml: teachers[0]")
+    assert teacher.api_key_env == "OPENAI_API_KEY_FOR_THE_PROD_CLUSTER_2026"
+    assert looks_secret("value-of-the-key-1234567890") and looks_secret(SECRET)
+    assert not looks_secret("outputs/tiny/sft") and not looks_secret("meta-llama/Llama-3.1-8B")

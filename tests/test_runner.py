@@ -137,3 +137,18 @@ def test_killed_runner_ends_its_stage(tmp_path, sig):
         if _alive(p):
             os.kill(p, signal.SIGKILL)
     assert not left, f"the {sig}-killed runner left its stage processes {left} running"
+
+
+def test_failure_message_is_not_wrapped_off_a_terminal(tmp_path):
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out-with-a-long-name" / ("d" * 60)), "stages": [
+        {"name": "failing", "module": "tests.sleepy_stage", "config": str(recipe),
+         "args": {"exit": 1, "output_dir": str(tmp_path / "out/failing")}}]}))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.run", "--config", str(pipeline)], cwd=ROOT,
+                          capture_output=True, text=True, env={**__import__("os").environ, "COLUMNS": "80"})
+    assert proc.returncode == 1
+    failed = [line for line in proc.stdout.splitlines() if "stage 'failing' failed (exit 1)" in line]
+    assert len(failed) == 1 and failed[0].endswith("failing.log") and len(failed[0]) > 80
+    assert any(line.endswith("x" * 150) for line in proc.stdout.splitlines())  # the log tail, unwrapped too
