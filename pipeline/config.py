@@ -392,7 +392,8 @@ def parse(dataclass_types, argv: list[str] | None = None, prog: str = "pipeline"
     fields = _fields(dataclass_types)
     source = "command line"
     values: dict[str, Any] = {}
-    if argv.count("--config") > 1 or any(a.startswith("--config=") for a in argv):
+    argv = [part for a in argv for part in (["--config", a[9:]] if a.startswith("--config=") else [a])]
+    if argv.count("--config") > 1:
         raise RecipeError("command line: --config must be given once, as '--config RECIPE.yaml' "
                           "(override single keys with --key value)")
     if "--config" in argv:
