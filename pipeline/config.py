@@ -223,19 +223,29 @@ def _nearest(key: str, valid) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# Keys whose accepted type is wider than the field's annotation: TrainingArguments types
+# `resume_from_checkpoint` as str, but Trainer.train takes True (= the last checkpoint in output_dir).
+TYPE_OVERRIDES: dict[str, Any] = {"resume_from_checkpoint": bool | str | None}
+
+
 def _check_value(fields, key: str, value: Any, where: str, cli_raw: str | None = None) -> Any:
+    from pipeline.validation import check_path, check_value, shown
+
     if key not in fields:
         raise RecipeError(f"{where}: unknown key '{key}'{_nearest(key, fields)}")
-    _, tp, _ = fields[key]
+    owner, tp, _ = fields[key]
+    tp = TYPE_OVERRIDES.get(key, tp)
     try:
         value = coerce(tp, value)
     except _Mismatch:
         if cli_raw is None:
-            raise RecipeError(f"{where}: key '{key}' must be {_type_name(tp)}, got {value!r}") from None
+            raise RecipeError(f"{where}: key '{key}' must be {_type_name(tp)}, got {shown(value)}") from None
         try:  # `--run_name 007` should stay the string '007'
             value = coerce(tp, cli_raw)
         except _Mismatch:
-            raise RecipeError(f"{where}: option --{key} must be {_type_name(tp)}, got {cli_raw!r}") from None
+            raise RecipeError(f"{where}: option --{key} must be {_type_name(tp)}, got {shown(cli_raw)}") from None
+    check_value(owner, key, value, where)
+    check_path(key, value, where)
     if key == "datasets":
         for i, item in enumerate(value):
             if not isinstance(item, dict) or "path" not in item:
@@ -243,15 +253,63 @@ def _check_value(fields, key: str, value: Any, where: str, cli_raw: str | None =
             for k in item:
                 if k not in DATASET_KEYS:
                     raise RecipeError(f"{where}: unknown key 'datasets[{i}].{k}'{_nearest(k, DATASET_KEYS)}")
+            if item.get("fraction") is not None:
+                try:
+                    item["fraction"] = coerce(float, item["fraction"])
+                except _Mismatch:
+                    raise RecipeError(f"{where}: key 'datasets[{i}].fraction' must be float, "
+                                      f"got {shown(item['fraction'])}") from None
+                check_value(None, "fraction", item["fraction"], where, label=f"datasets[{i}].fraction")
     return value
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                if key in seen:
+                    raise RecipeError(f"{self.name}: line {key_node.start_mark.line + 1}: key '{key}' given twice "
+                                      f"(first on line {seen[key] + 1}); the recipe must say it once")
+                seen[key] = key_node.start_mark.line
+            except TypeError:  # an unhashable key: let PyYAML report it
+                pass
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def read_text(path: Path, what: str = "file") -> str:
+    """A file's text; a file that is not UTF-8 is a one-line error naming the line of the first bad byte."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise RecipeError(f"{path}: is a directory, not a {what}") from None
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})") from None
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(f"{path}: recipe file not found")
+    text = read_text(path, "recipe file")
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _StrictLoader(text)
+        loader.name = str(path)
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark is not None else ""
@@ -334,6 +392,10 @@ def parse(dataclass_types, argv: list[str] | None = None, prog: str = "pipeline"
     fields = _fields(dataclass_types)
     source = "command line"
     values: dict[str, Any] = {}
+    argv = [part for a in argv for part in (["--config", a[9:]] if a.startswith("--config=") else [a])]
+    if argv.count("--config") > 1:
+        raise RecipeError("command line: --config must be given once, as '--config RECIPE.yaml' "
+                          "(override single keys with --key value)")
     if "--config" in argv:
         i = argv.index("--config")
         if i + 1 >= len(argv):
@@ -365,6 +427,9 @@ def parse(dataclass_types, argv: list[str] | None = None, prog: str = "pipeline"
         except (ValueError, TypeError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise RecipeError(f"{source}: {first}") from None
+    from pipeline.validation import check_cross
+
+    check_cross({k: getattr(inst, k) for inst in instances for k in vars(inst)}, source)
     return tuple(instances), values, source
 
 
@@ -436,10 +501,26 @@ def check_training(model_args: ModelArguments, training_args, data_args: DataArg
         raise RecipeError(f"{source}: no training data: set 'dataset_name' or 'datasets'")
 
 
+# Exit code of a teacher request that still failed after its retries (the input may be fine: rerun to resume).
+EXIT_TEACHER = 3
+
+
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2."""
+    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2 (a teacher that
+    failed after its retries: one line and exit code 3)."""
     try:
         main(argv)
     except RecipeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as e:
+        teachers = sys.modules.get("pipeline.generation.teachers")
+        teacher_error = getattr(teachers, "TeacherError", None)
+        if teacher_error is None or not isinstance(e, teacher_error):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(EXIT_TEACHER) from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__

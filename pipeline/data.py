@@ -37,7 +37,7 @@ def _load_one(path: str, *, name=None, split=None, data_dir=None, data_files=Non
         try:
             return datasets.load_dataset(builder, data_files=str(p), split="train")
         except Exception as e:  # datasets wraps JSON/parquet parse errors in several exception types
-            raise RecipeError(f"{where}: {path}: cannot read ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+            raise RecipeError(f"{where}: {path}: cannot read ({type(e).__name__}: {_first_line(e)})") from None
     if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
         ds = datasets.load_from_disk(str(p))
         if isinstance(ds, datasets.DatasetDict):
@@ -50,7 +50,12 @@ def _load_one(path: str, *, name=None, split=None, data_dir=None, data_files=Non
     try:  # a hub id, or a folder of data files
         return datasets.load_dataset(path, name=name, split=split, data_dir=data_dir, data_files=data_files)
     except Exception as e:
-        raise RecipeError(f"{where}: dataset {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise RecipeError(f"{where}: dataset {path}: cannot load ({type(e).__name__}: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[0].strip() if lines else "no message"
 
 
 def check_columns(ds: datasets.Dataset, stage: Stage, what: str) -> None:
@@ -58,29 +63,136 @@ def check_columns(ds: datasets.Dataset, stage: Stage, what: str) -> None:
     if not any(set(fmt) <= cols for fmt in FORMATS[stage]):
         wanted = " | ".join("+".join(f) for f in FORMATS[stage])
         raise RecipeError(f"{what}: columns {sorted(cols)} do not fit the {stage} stage (needs {wanted})")
-    for i, row in enumerate(ds.select(range(min(len(ds), MAX_CHECKED_ROWS)))):
-        for col in ("messages", "prompt", "completion", "chosen", "rejected"):
-            if col in row:
-                problem = _row_problem(row[col])
-                if problem:
-                    raise RecipeError(f"{what}: row {i}: column '{col}' {problem}")
+    for i, row in enumerate(ds.select(range(min(len(ds), MAX_CHECKED_ROWS))), 1):  # rows count from 1
+        problem = row_problem(row, stage)
+        if problem:
+            raise RecipeError(f"{what}: row {i}: {problem}")
 
 
-def _row_problem(value) -> str | None:
+_TEXT_COLUMNS = ("messages", "prompt", "completion", "chosen", "rejected", "text")
+_TRAINED_COLUMNS = ("messages", "completion", "chosen", "rejected", "text")  # an empty answer here trains nothing
+
+
+def row_problem(row: dict, stage: Stage) -> str | None:
+    """What is wrong with one training row for `stage`, or None."""
+    fmt = next((f for f in FORMATS[stage] if all(row.get(c) is not None for c in f)), None)
+    if fmt is None:
+        wanted = " | ".join("+".join(f) for f in FORMATS[stage])
+        present = sorted(k for k, v in row.items() if v is not None)
+        return f"columns {present} do not fit the {stage} stage (needs {wanted})"
+    for col in _TEXT_COLUMNS:
+        if col in row and (row[col] is not None or col in fmt):
+            problem = _column_problem(col, row[col])
+            if problem:
+                return f"column '{col}' {problem}"
+    return None
+
+
+def _column_problem(col: str, value) -> str | None:
     if value is None:
-        return "is empty"
+        return "is empty (null)"
     if isinstance(value, str):
+        if col == "messages":
+            return "must be a list of {role, content} messages, got a string"
         return "is empty" if not value.strip() else None
     if isinstance(value, list):
         if not value:
             return "is an empty list"
-        for turn in value:
+        for n, turn in enumerate(value, 1):
             if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-                return "must be a string or a list of {role, content} messages"
+                return f"message {n} must be a {{role, content}} mapping"
             if turn["role"] not in _ROLES:
                 return f"has an unknown role '{turn['role']}'"
+            if not isinstance(turn["content"], str):
+                got = "null" if turn["content"] is None else type(turn["content"]).__name__
+                return f"message {n} ({turn['role']}): 'content' must be a string, got {got}"
+            if turn["role"] == "assistant" and col in _TRAINED_COLUMNS and not turn["content"].strip():
+                return f"message {n} (assistant) is empty: nothing to train on"
+        if col == "messages" and not any(t["role"] == "assistant" for t in value):
+            return "has no assistant message: nothing to train on"
         return None
     return f"has type {type(value).__name__} (expected text or messages)"
+
+
+MAX_SCANNED_LINES = 200_000
+
+
+def check_data_files(args: DataArguments, stage: Stage, source: str) -> None:
+    """Check the local JSON Lines / JSON training files before anything is loaded: readable UTF-8, one JSON
+    object per line, rows of a format the stage takes. Errors name the file and the 1-based line."""
+    paths = [(f"{source}: key 'dataset_name'", args.dataset_name)] if args.dataset_name else []
+    paths += [(f"{source}: datasets[{i}]", cfg["path"]) for i, cfg in enumerate(args.datasets)]
+    for where, path in paths:
+        p = Path(path)
+        if p.is_file() and p.suffix not in _FILE_BUILDERS:
+            raise RecipeError(f"{where}: {path}: unsupported file type '{p.suffix}' (use {', '.join(_FILE_BUILDERS)})")
+        if p.is_file() and p.suffix in (".jsonl", ".json"):
+            try:
+                _check_json_file(p, stage)
+            except RecipeError as e:
+                raise RecipeError(f"{where}: {e}") from None
+        elif not p.exists() and p.suffix in _FILE_BUILDERS:
+            raise RecipeError(f"{where}: dataset {path} not found")
+
+
+def _check_json_file(path: Path, stage: Stage) -> None:
+    import json
+
+    from pipeline.config import read_text
+
+    if path.suffix == ".json":
+        text = read_text(path, "data file")
+        if not text.strip():
+            raise RecipeError(f"{path}: the file is empty (no rows)")
+        if text.lstrip()[:1] not in "[{":
+            return _check_json_lines(path, stage)  # JSON Lines with a .json name
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{path}: line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+        if isinstance(data, list):
+            if not data:
+                raise RecipeError(f"{path}: the file is empty (no rows)")
+            for n, row in enumerate(data[:MAX_CHECKED_ROWS], 1):
+                problem = row_problem(row, stage) if isinstance(row, dict) else "is not a JSON object"
+                if problem:
+                    raise RecipeError(f"{path}: row {n}: {problem}")
+        return None
+    return _check_json_lines(path, stage)
+
+
+def _check_json_lines(path: Path, stage: Stage) -> None:
+    """One JSON object per line, streamed: the first MAX_SCANNED_LINES lines parsed, MAX_CHECKED_ROWS rows checked."""
+    import json
+
+    rows = 0
+    try:
+        fh = path.open("rb")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    with fh:
+        for n, raw in enumerate(fh, 1):
+            if n > MAX_SCANNED_LINES:
+                break
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{path}: line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise RecipeError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
+            rows += 1
+            if rows <= MAX_CHECKED_ROWS:
+                problem = row_problem(row, stage)
+                if problem:
+                    raise RecipeError(f"{path}: line {n}: {problem}")
+    if rows == 0:
+        raise RecipeError(f"{path}: the file is empty (no rows)")
 
 
 def load_train_data(args: DataArguments, stage: Stage, source: str, seed: int = 0):

@@ -27,7 +27,7 @@ from pipeline.data import load_train_data  # noqa: E402
 from pipeline.longctx import long_context_trainer  # noqa: E402
 from pipeline.modeling import (check_model_switches, load_model, load_tokenizer, peft_config,  # noqa: E402
                                resolve_model_path, resolve_ref_path)
-from pipeline.training import parse_stage, train_and_save  # noqa: E402
+from pipeline.training import finished, parse_stage, train_and_save  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -35,6 +35,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if parsed is None:  # --dry_run
         return None
     data_args, training_args, model_args, lc_args, source = parsed
+    if (done := finished(training_args)) is not None:  # before anything loads
+        return done
 
     # Model, reference & tokenizer
     path = resolve_model_path(model_args, source)

@@ -12,7 +12,7 @@ import logging
 import time
 from pathlib import Path
 
-from pipeline.config import RecipeError, cli, parse
+from pipeline.config import cli, parse
 from pipeline.io import atomic_write_json, write_stage_result
 from pipeline.tasks import Example, Task, get_task, make_split, to_prompt
 
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     (args,), _, source = parse([EvalArguments], argv, prog="python -m pipeline.evaluate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(args.model_name_or_path).exists() and args.model_name_or_path.startswith(("/", ".", "outputs")):
-        raise RecipeError(f"{source}: key 'model_name_or_path': {args.model_name_or_path} does not exist")
+    from pipeline.modeling import check_model_path
+
+    check_model_path(args.model_name_or_path, source)  # before loading; output_dir was checked by parse
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
 

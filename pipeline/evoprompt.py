@@ -208,8 +208,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = load_prompts(args.initial_prompts)
     operator = make_operator(args.operator, args, out / "operator_cache.jsonl", source)
     if args.task_model_name_or_path:
-        if not Path(args.task_model_name_or_path).exists():
-            raise RecipeError(f"{source}: key 'task_model_name_or_path': {args.task_model_name_or_path} does not exist")
+        from pipeline.modeling import check_model_path
+
+        check_model_path(args.task_model_name_or_path, source, "task_model_name_or_path")
         task_model = LocalTaskModel(args.task_model_name_or_path, args.batch_size, args.max_new_tokens)
     else:
         task_model = make_teacher(args.task_model_endpoint, f"{source}: task_model_endpoint")

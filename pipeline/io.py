@@ -60,14 +60,18 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{what}: {path} not found")
-    with path.open() as fh:
-        for n, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecipeError(f"{path}: line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg})") from None
+                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
                 raise RecipeError(f"{path}: line {n}: expected a JSON object")
             yield n, row

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -19,12 +21,52 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
 
 
+_WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_path(name: str, where: str, key: str = "model_name_or_path", tokenizer: bool = True,
+                     hub_cache: bool = True) -> None:
+    """Before anything loads: `name` is a model directory (config, weights and, if `tokenizer`, tokenizer files;
+    a PEFT adapter directory counts) or a hub id (with HF_HUB_OFFLINE, one in the local cache)."""
+    p = Path(name).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise RecipeError(f"{where}: key '{key}': {name} is a file, not a model directory")
+        adapter = (p / "adapter_config.json").is_file()
+        missing = []
+        if not adapter and not (p / "config.json").is_file():
+            missing.append("config.json")
+        if not any(any(p.glob(g)) for g in _WEIGHTS + (("adapter_model.*",) if adapter else ())):
+            missing.append("weights (*.safetensors or pytorch_model*.bin)")
+        if tokenizer and not any((p / t).is_file() for t in _TOKENIZER):
+            missing.append("tokenizer files (tokenizer.json or tokenizer_config.json)")
+        if missing:
+            raise RecipeError(f"{where}: key '{key}': {name} is not a model directory (no {', no '.join(missing)})")
+        for cfg in ("config.json", "adapter_config.json"):
+            if (p / cfg).is_file():
+                try:
+                    json.loads((p / cfg).read_text())
+                except (ValueError, UnicodeDecodeError):
+                    raise RecipeError(f"{where}: key '{key}': {p / cfg} is not valid JSON") from None
+        return
+    if _looks_local(name):
+        raise RecipeError(f"{where}: key '{key}': {name} not found")
+    if hub_cache and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise RecipeError(f"{where}: key '{key}': {name} is not a local directory and not in the hub cache "
+                              "(HF_HUB_OFFLINE is set: nothing is downloaded)")
+
+
 def resolve_model_path(model_args: ModelArguments, source: str) -> str:
     """The path or hub id to load. A missing local path falls back to the recipe's tiny model (built once)."""
     name = model_args.model_name_or_path
     if not name:
         raise RecipeError(f"{source}: missing required key 'model_name_or_path'")
     if Path(name).exists():
+        check_model_path(name, source)
         return name
     if model_args.tiny_model:
         from accelerate import PartialState
@@ -39,6 +81,7 @@ def resolve_model_path(model_args: ModelArguments, source: str) -> str:
         return str(path)
     if _looks_local(name):
         raise RecipeError(f"{source}: key 'model_name_or_path': {name} not found (and no 'tiny_model' to build)")
+    check_model_path(name, source)
     return name
 
 
@@ -63,16 +106,20 @@ def check_model_switches(path: str, model_args: ModelArguments, lc_args, source:
 
 def resolve_ref_path(model_args: ModelArguments, source: str) -> str | None:
     name = model_args.ref_model_name_or_path
-    if name and not Path(name).exists() and _looks_local(name):
-        raise RecipeError(f"{source}: key 'ref_model_name_or_path': {name} not found")
+    if name:
+        check_model_path(name, source, "ref_model_name_or_path", tokenizer=False)
     return name
 
 
 def load_tokenizer(path: str, model_args: ModelArguments):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
-                                        trust_remote_code=model_args.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=model_args.model_revision,
+                                            trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as e:  # the path was checked; this is a broken or foreign tokenizer
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RecipeError(f"key 'model_name_or_path': cannot load a tokenizer from {path}: {first}") from None
     if tok.pad_token is None:  # base models often ship without one; eos is the usual stand-in
         tok.pad_token = tok.eos_token
     return tok
@@ -100,7 +147,11 @@ def load_model(path: str, model_args: ModelArguments, training_args):
             from accelerate import PartialState
 
             kwargs["device_map"] = {"": PartialState().local_process_index}
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as e:  # the path was checked: unreadable or truncated weights
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RecipeError(f"cannot load a model from {path}: {first}") from None
     if quantization_config is not None:
         _disable_packed_cpu_4bit(model)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):

@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
+import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -26,7 +29,7 @@ from rich.console import Console
 from pipeline.config import RecipeError, cli, load_yaml, parse
 from pipeline.io import atomic_write_json, atomic_write_text, read_stage_result
 
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # a message is one line, also when not on a terminal
 
 
 @dataclasses.dataclass
@@ -75,6 +78,50 @@ def load_stages(recipe: PipelineRecipe, source: str) -> list[Stage]:
     if unknown:
         raise RecipeError(f"{source}: --rerun {unknown[0]}: no such stage (stages: {', '.join(sorted(names))})")
     return stages
+
+
+# The dataclasses each known stage module parses its recipe into ("module:attribute"), so the runner can check
+# every stage's recipe (keys, types, ranges) before it runs the first one. Other modules: checked for existence.
+RECIPE_TYPES: dict[str, tuple[str, ...]] = {
+    "pipeline.sft": ("pipeline.config:DataArguments", "trl:SFTConfig", "pipeline.config:ModelArguments",
+                     "pipeline.longctx:LongContextArguments"),
+    "pipeline.dpo": ("pipeline.config:DataArguments", "trl:DPOConfig", "pipeline.config:ModelArguments",
+                     "pipeline.longctx:LongContextArguments"),
+    "pipeline.cppo": ("pipeline.cppo:CPPOArguments", "pipeline.rl.cppo_trainer:CPPOConfig",
+                      "pipeline.config:ModelArguments"),
+    "pipeline.generate": ("pipeline.generate:GenerateArguments",),
+    "pipeline.evaluate": ("pipeline.evaluate:EvalArguments",),
+    "pipeline.evoprompt": ("pipeline.evoprompt:EvoPromptArguments",),
+    "pipeline.tiny": ("pipeline.tiny:TinyModelSpec",),
+    "pipeline.niah": ("pipeline.niah:NiahArguments",),
+    "pipeline.quant.plant": ("pipeline.quant.plant:PlantArguments",),
+}
+
+
+def check_stages(stages: list[Stage], source: str) -> None:
+    """Every stage checked before the first one runs: its module exists, its accelerate config is a readable
+    YAML mapping, and its recipe plus the pipeline's overrides parse (keys, types, ranges, output_dir)."""
+    for i, stage in enumerate(stages):
+        where = f"{source}: stages[{i}] ({stage.name})"
+        try:
+            found = importlib.util.find_spec(stage.module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            raise RecipeError(f"{where}: key 'module': no module named '{stage.module}'")
+        if stage.accelerate_config:
+            if not Path(stage.accelerate_config).is_file():
+                raise RecipeError(f"{where}: key 'accelerate_config': file {stage.accelerate_config} not found")
+            load_yaml(stage.accelerate_config)
+        if stage.num_processes is not None and stage.num_processes < 1:
+            raise RecipeError(f"{where}: key 'num_processes' must be >= 1, got {stage.num_processes}")
+        types = [getattr(importlib.import_module(ref.split(":")[0]), ref.split(":")[1])
+                 for ref in RECIPE_TYPES.get(stage.module, ())]
+        if types:
+            try:
+                parse(types, command(stage)[command(stage).index("--config"):], prog=stage.module)
+            except RecipeError as e:
+                raise RecipeError(f"stage '{stage.name}': {e}") from None
 
 
 def _flag_values(value) -> list[str]:
@@ -160,31 +207,81 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
+def _die_with_parent() -> None:
+    """In the stage process (Linux): get SIGTERM when the runner dies, even by kill -9."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """End a stage's whole process group (accelerate's workers too): SIGTERM, then SIGKILL after `grace_s`."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, message: str, error_line: str | None = None):
+        super().__init__(message)
+        self.error_line = error_line
+
+
 def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict) -> float:
     cmd = command(stage)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    with open(log_path, "a") as log, console.status(f"[{index}/{total}] {stage.name}: running") as status:
-        log.write(f"\n$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                bufsize=1)
-        for line in proc.stdout:
-            log.write(line)
-            tail = line.strip().replace("[", "(")[-90:]
-            if tail:
-                status.update(f"[{index}/{total}] {stage.name} ({time.time() - start:.0f} s): {tail}")
-        code = proc.wait()
+
+    def terminated(signum, frame):  # a killed runner ends its stage (finally below), then exits
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, terminated)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    proc = None
+    try:
+        with open(log_path, "a") as log, console.status(f"[{index}/{total}] {stage.name}: running") as status:
+            log.write(f"\n$ {' '.join(cmd)}\n")
+            log.flush()
+            # Its own process group (session): the runner can end the stage and everything it started.
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+                                    bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+            for line in proc.stdout:
+                log.write(line)
+                tail = line.strip().replace("[", "(")[-90:]
+                if tail:
+                    status.update(f"[{index}/{total}] {stage.name} ({time.time() - start:.0f} s): {tail}")
+            code = proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:
+            _end_group(proc)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if code != 0:
-        tail = log_path.read_text().splitlines()[-25:]
-        console.print("\n".join(tail), markup=False)
-        raise RuntimeError(f"stage '{stage.name}' failed (exit {code}); full log: {log_path}")
+        lines = log_path.read_text().splitlines()
+        errors = [line for line in lines[-50:] if line.startswith("error: ")]
+        if code == 2 and errors:  # the stage's own one-line error says it all
+            raise StageFailed(f"stage '{stage.name}' failed (exit 2); full log: {log_path}", errors[-1][7:])
+        console.print("\n".join(lines[-25:]), markup=False)
+        raise StageFailed(f"stage '{stage.name}' failed (exit {code}); full log: {log_path}")
     return time.time() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
     (recipe,), _, source = parse([PipelineRecipe], argv, prog="python -m pipeline.run")
     stages = load_stages(recipe, source)
+    check_stages(stages, source)
     out = Path(recipe.output_dir)
     state_path, report_path = out / "run_state.json", out / "report.md"
     if recipe.dry_run:
@@ -213,10 +310,12 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         try:
             seconds = run_stage(stage, i, len(stages), out / "logs" / f"{stage.name}.log", env)
-        except RuntimeError as e:
+        except StageFailed as e:
             state[stage.name] = {"status": "failed", "fingerprint": fp}
             atomic_write_json(state_path, state)
             write_report(recipe, stages, state, report_path)
+            if e.error_line:
+                raise RecipeError(f"stage '{stage.name}': {e.error_line} (log: {out / 'logs' / f'{stage.name}.log'})")
             console.print(f"[red]✗[/red] {e}")
             raise SystemExit(1) from None
         result = read_stage_result(stage_out)

@@ -255,14 +255,16 @@ def test_every_switch_off_is_plain_trl(tiny_model_dir, sft_jsonl, tmp_path, monk
     assert seen == dict(cls=SFTTrainer, mlp_patched=False, norm_patched=False, chunk=TRL_CHUNK)
 
 
-def test_switch_on_an_unsupported_architecture_fails_before_loading(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def test_switch_on_an_unsupported_architecture_fails_before_loading(tmp_path, sft_jsonl, tiny_model_dir):
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     model_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
     (model_dir / "model.safetensors").write_bytes(b"not weights: loading them would fail loudly")
     proc = subprocess.run([sys.executable, "-m", "pipeline.sft", "--config", "recipes/tiny/longctx_sft.yaml",
-                           "--model_name_or_path", str(model_dir), "--tiny_model", "null"],
+                           "--model_name_or_path", str(model_dir), "--tiny_model", "null",
+                           "--dataset_name", str(sft_jsonl)],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and _error_lines(proc) == [(

@@ -117,25 +117,26 @@ def _bad(tmp_path, rows):
 
 @pytest.mark.parametrize("rows,message", [
     ([{"question": "q", "answer": "a"}], r"columns \['answer', 'question'\] do not fit the sft stage"),
-    ([{"messages": [{"role": "user", "content": "hi"}]}, {"messages": [{"role": "bot", "content": "x"}]}],
-     "row 1: column 'messages' has an unknown role 'bot'"),
-    ([{"messages": []}], "row 0: column 'messages' is an empty list"),
+    ([{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+      {"messages": [{"role": "bot", "content": "x"}]}],
+     "bad.jsonl: line 2: column 'messages' has an unknown role 'bot'"),
+    ([{"messages": []}], "bad.jsonl: line 1: column 'messages' is an empty list"),
 ])
 def test_bad_sft_data(tiny_model_dir, tmp_path, rows, message):
     with pytest.raises(RecipeError, match=message):
         _sft(tiny_model_dir, _bad(tmp_path, rows), tmp_path / "out")
 
 
-def test_bad_dpo_data_and_paths(tiny_model_dir, sft_jsonl, tmp_path):
+def test_bad_dpo_data_and_paths(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path):
     with pytest.raises(RecipeError, match="do not fit the dpo stage"):
         _dpo(tiny_model_dir, sft_jsonl, tmp_path / "out")
     with pytest.raises(RecipeError, match="dataset .*missing.jsonl not found"):
         _dpo(tiny_model_dir, tmp_path / "missing.jsonl", tmp_path / "out")
     with pytest.raises(RecipeError, match="model_name_or_path.*not found"):
-        _dpo(tmp_path / "no-model", sft_jsonl, tmp_path / "out")
+        _dpo(tmp_path / "no-model", dpo_jsonl, tmp_path / "out")
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"chosen": "a", "rejected": "b"}\n{"chosen": \n')
-    with pytest.raises(RecipeError, match="broken.jsonl: cannot read"):
+    with pytest.raises(RecipeError, match=r"broken.jsonl: line 2: invalid JSON \(Expecting value"):
         _dpo(tiny_model_dir, broken, tmp_path / "out")
 
 
@@ -177,3 +178,55 @@ def test_qlora_sft_keeps_a_planted_super_weight_exact(tiny_model_dir, sft_jsonl,
     merged = merge_adapter_preserving_super_weights(str(tmp_path / "planted"), str(out))
     got = merged.model.layers[sw.layer].mlp.down_proj.weight[sw.row, sw.col]
     assert got.item() == sw.value  # bit-exact through 4-bit training, save and merge
+
+
+# --- issue #15 item 5: resume_from_checkpoint, recipe fingerprint, the "finished" check before loading ---------
+
+def _losses_of(out):
+    log = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    return {h["step"]: h["loss"] for h in log if "loss" in h}
+
+
+def test_finished_check_runs_before_anything_loads(tiny_model_dir, sft_jsonl, tmp_path, monkeypatch):
+    import datasets
+    import transformers
+
+    first = _sft(tiny_model_dir, sft_jsonl, tmp_path / "sft")
+
+    def trip(*a, **k):
+        raise AssertionError("a finished stage loaded a model, tokenizer or dataset")
+
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(cls, "from_pretrained", trip)
+    monkeypatch.setattr(datasets, "load_dataset", trip)
+    assert _sft(tiny_model_dir, sft_jsonl, tmp_path / "sft") == first
+
+
+def test_resume_from_checkpoint_path_is_honoured(tiny_model_dir, sft_jsonl, tmp_path):
+    args = ["--max_steps", "8", "--save_steps", "4"]
+    _sft(tiny_model_dir, sft_jsonl, tmp_path / "a", *args)
+    ckpt = tmp_path / "elsewhere" / "checkpoint-4"
+    shutil.copytree(tmp_path / "a" / "checkpoint-4", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    for h in state["log_history"]:  # marks: a run that resumed from this checkpoint carries them over
+        h["loss"] = 100.0 + h["step"]
+    (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    _sft(tiny_model_dir, sft_jsonl, tmp_path / "b", *args, "--resume_from_checkpoint", str(ckpt))
+    full, resumed = _losses_of(tmp_path / "a"), _losses_of(tmp_path / "b")
+    assert [resumed[s] for s in range(1, 5)] == [101.0, 102.0, 103.0, 104.0]
+    for step in range(5, 9):
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_checkpoint_of_another_recipe_is_refused(tiny_model_dir, sft_jsonl, tmp_path):
+    out = tmp_path / "sft"
+    args = ["--max_steps", "8", "--save_steps", "4"]
+    _sft(tiny_model_dir, sft_jsonl, out, *args)
+    shutil.rmtree(out / "checkpoint-8")  # as if killed after checkpoint-4
+    (out / "stage_result.json").unlink()
+    with pytest.raises(RecipeError, match=r"checkpoint-4 was made by a different recipe \(keys that differ: "
+                                          r"learning_rate: 0.003 -> 0.001\)"):
+        _sft(tiny_model_dir, sft_jsonl, out, *args, "--learning_rate", "1e-3")
+    # logging, saving and output keys do not count: this resumes
+    metrics = _sft(tiny_model_dir, sft_jsonl, out, *args, "--logging_steps", "2", "--save_total_limit", "3")
+    assert metrics["global_step"] == 8

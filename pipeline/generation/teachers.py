@@ -271,8 +271,11 @@ def make_teacher(spec: dict, where: str):
     for k in spec:
         if k != "type" and k not in valid:
             raise RecipeError(f"{where}: unknown key '{k}' for teacher type '{spec['type']}' (valid: {', '.join(valid)})")
+    from pipeline.validation import check_teacher_spec  # types and ranges; never echoes a secret
+
+    kwargs = check_teacher_spec(cls, spec, where)
     try:
-        return cls(**{k: v for k, v in spec.items() if k != "type"})
+        return cls(**kwargs)
     except (TypeError, ValueError) as e:
         raise RecipeError(f"{where}: {e}") from None
 
