@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 from trl import get_peft_config, get_quantization_config
 
 from pipeline.config import ModelArguments, RecipeError
@@ -191,26 +191,13 @@ def _disable_packed_cpu_4bit(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-class KeepTrainableDtypes(TrainerCallback):
+def keep_adapter_dtype_on_resume(model) -> None:
     """A resume must not change what trains in which precision. TRL casts a QLoRA adapter to bf16 when training in
-    bf16, but the Trainer resumes a PEFT model through `load_adapter`, which loads the adapter in float32 (and then the
-    optimizer state in float32 too): the resumed run would train other numbers than the uninterrupted one. At the start
-    of training this puts every trainable parameter, and its optimizer state, back in the dtype it had when the trainer
-    was built (a lossless cast back: the checkpoint holds them in that dtype)."""
-
-    def __init__(self, model):
-        self.dtypes = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
-
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
-        for name, p in (model.named_parameters() if model is not None else ()):
-            want = self.dtypes.get(name)
-            if want is None or p.dtype == want:
-                continue
-            p.data = p.data.to(want)
-            for key, value in (optimizer.state.get(p, {}) if optimizer is not None else {}).items():
-                if torch.is_tensor(value) and value.is_floating_point() and value.dim() > 0:
-                    optimizer.state[p][key] = value.to(want)
+    bf16, but the Trainer resumes a PEFT model through its `load_adapter`, whose default casts the adapter to float32
+    (and the optimizer state then loads in float32 too): the resumed run would train other numbers than the
+    uninterrupted one. Loading into the adapter as it is keeps its dtype (pinned by tests/test_longctx_contracts)."""
+    if callable(getattr(model, "load_adapter", None)) and hasattr(model, "peft_config"):
+        model.load_adapter = functools.partial(model.load_adapter, autocast_adapter_dtype=False)
 
 
 def peft_config(model_args: ModelArguments):

@@ -265,7 +265,7 @@ def _logged_loss(log_history: list[dict], upto: int) -> tuple[float, int]:
     return total, prev
 
 
-def _train(trainer, resume: str | None, keep_dtypes=None) -> dict:
+def _train(trainer, resume: str | None) -> dict:
     """trainer.train, resumed from `resume`; returns train metrics that cover the whole run. A checkpoint that
     already holds the end of the schedule (killed after the last step) is loaded, not trained on: training from
     it would run one step past max_steps."""
@@ -277,8 +277,6 @@ def _train(trainer, resume: str | None, keep_dtypes=None) -> dict:
         logger.info("%s is the end of training (step %d of %d): loading it, not training", resume, start,
                     state["max_steps"])
         trainer._load_from_checkpoint(resume)  # the stock loader of Trainer.train(resume_from_checkpoint=...)
-        if keep_dtypes is not None:  # the loader brings a PEFT adapter back in float32 (see KeepTrainableDtypes)
-            keep_dtypes.on_train_begin(trainer.args, trainer.state, trainer.control, model=trainer.model)
         trainer.state = TrainerState.load_from_json(str(Path(resume) / "trainer_state.json"))
         metrics = {"total_flos": trainer.state.total_flos}
     else:
@@ -349,12 +347,11 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) 
     resume = resume_point(args, clean=True)
     if resume:
         logger.info("resuming from %s", resume)
-    from pipeline.modeling import KeepTrainableDtypes
+    from pipeline.modeling import keep_adapter_dtype_on_resume
 
-    keep_dtypes = KeepTrainableDtypes(trainer.model)
-    trainer.add_callback(keep_dtypes)
+    keep_adapter_dtype_on_resume(trainer.model)
     _test_kill_hook(trainer)
-    metrics = _train(trainer, resume, keep_dtypes)
+    metrics = _train(trainer, resume)
     trainer.save_model(args.output_dir)
     if trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())

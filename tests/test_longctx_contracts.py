@@ -77,3 +77,13 @@ def test_trainer_reads_activation_checkpointing_not_the_aliases():
     assert "args.activation_checkpointing_kwargs" in source, (
         "the Trainer no longer reads activation_checkpointing_kwargs: pipeline.training.checkpointing() would print "
         "the wrong mode")
+
+
+def test_trainer_resumes_peft_models_through_load_adapter():
+    import peft
+
+    assert "model.load_adapter(" in inspect.getsource(Trainer._load_from_checkpoint), (
+        "Trainer._load_from_checkpoint no longer resumes PEFT models through load_adapter: "
+        "pipeline.modeling.keep_adapter_dtype_on_resume would not keep a QLoRA adapter's bf16 on resume")
+    assert "autocast_adapter_dtype" in inspect.signature(peft.PeftModel.load_adapter).parameters, (
+        "peft.PeftModel.load_adapter lost autocast_adapter_dtype (keep_adapter_dtype_on_resume passes it)")
