@@ -29,6 +29,10 @@ class RecipeError(Exception):
     """A bad recipe or command line. The message is one line and names the file and the key."""
 
 
+class RunError(RuntimeError):
+    """A stage that cannot go on for a reason outside the recipe (e.g. an unreachable teacher endpoint)."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Arguments shared by the training stages (TRL's classes extended, not forked)
 # ---------------------------------------------------------------------------------------------
@@ -437,9 +441,13 @@ def check_training(model_args: ModelArguments, training_args, data_args: DataArg
 
 
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2."""
+    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2, a RunError into
+    one line and exit code 1."""
     try:
         main(argv)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -14,6 +14,7 @@ from every error message; request keys hash the teacher's identity (endpoint, mo
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import json
@@ -24,12 +25,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import RecipeError
+from pipeline.config import RecipeError, RunError
 from pipeline.tasks import ANSWER_PREFIX, Example, get_task
 
 
-class TeacherError(RuntimeError):
-    """A request that still failed after all retries (finished requests stay cached; rerun to resume)."""
+class TeacherError(RunError):
+    """A request that still failed after all retries (finished requests stay cached; rerun to resume).
+    `cli()` prints it as one `error:` line and exits 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +49,8 @@ def request_key(teacher_id: str, messages, sample: int, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-Done = Callable[[Request, str], None]
+# done(request, text, truncated): truncated = the reply was cut at the token limit (not a complete sample)
+Done = Callable[[Request, str, bool], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +98,7 @@ class OracleTeacher:
 
     async def complete(self, requests: list[Request], done: Done) -> None:
         for r in requests:
-            done(r, self.reply(r))
+            done(r, self.reply(r), False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +123,10 @@ class OpenAITeacher:
     requests_per_second: float | None = dataclasses.field(default=None, metadata={"help": "Optional rate limit."})
     max_retries: int = 6
     timeout_s: float = 120.0
+    hedge_after_s: float | None = dataclasses.field(
+        default=None, metadata={"help": "Send a second copy of a request that has not answered after this many "
+                                "seconds (first answer wins). Default: 2x the 95th percentile latency seen so far "
+                                "(after 20 replies); <= 0: never."})
     backoff_s: float = dataclasses.field(default=0.5, metadata={"help": "First retry delay; doubles per attempt."})
     max_backoff_s: float = 30.0
     temperature: float = 0.7
@@ -131,6 +138,8 @@ class OpenAITeacher:
         if self.requests_per_second is not None and self.requests_per_second <= 0:
             raise ValueError("key 'requests_per_second' must be > 0")
         self._next_slot = 0.0
+        self._latencies: list[float] = []  # of successful attempts: the hedging threshold
+        self.stats: collections.Counter = collections.Counter()  # retries, hedged
 
     @property
     def identity(self) -> str:
@@ -153,7 +162,67 @@ class OpenAITeacher:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    async def _post(self, session, request: Request, headers: dict, scrub: Callable[[str], str]) -> str:
+    async def _attempt(self, session, url: str, payload: dict, headers: dict,
+                       scrub: Callable[[str], str]) -> tuple[str, bool]:
+        """One HTTP exchange: (text, truncated), or _Retryable / TeacherError / a timeout / a client error."""
+        import aiohttp
+
+        start = time.monotonic()
+        async with session.post(url, json=payload, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+            body = await resp.text()
+            if resp.status == 429 or resp.status >= 500:
+                ra = resp.headers.get("Retry-After")
+                wait = float(ra) if ra and ra.replace(".", "").isdigit() else None
+                raise _Retryable(scrub(f"HTTP {resp.status}: {_server_message(body)}"), wait)
+            if resp.status >= 400:  # a bad request will not get better by retrying
+                raise TeacherError(scrub(f"teacher '{self.name}': HTTP {resp.status}: {_server_message(body)}"))
+            choice = json.loads(body)["choices"][0]
+            content = choice["message"]["content"]
+            if not isinstance(content, str):
+                raise _Retryable("reply has no text content")
+            self._latencies.append(time.monotonic() - start)
+            # Cut at max_tokens: not a complete sample. Asking again with the same seed would cut it again, so
+            # it is kept (cached, marked) and left out of the SFT/DPO rows.
+            return content, choice.get("finish_reason") == "length"
+
+    def _hedge_after(self) -> float | None:
+        if self.hedge_after_s is not None:
+            return self.hedge_after_s if self.hedge_after_s > 0 else None
+        recent = sorted(self._latencies[-256:])
+        if len(recent) < 20:
+            return None
+        return 2.0 * recent[int(0.95 * (len(recent) - 1))]
+
+    async def _hedged(self, attempt: Callable) -> tuple[str, bool]:
+        """`attempt()`, plus a copy whenever no copy has answered for `_hedge_after()` seconds: the first answer
+        wins, the rest are cancelled. The original runs on to its timeout; a stalled copy gives way to the next
+        (at most 2 in flight per slot, `max_retries` copies). A hung request so costs its slot a few latencies,
+        not the whole timeout (Dean & Barroso, "The Tail at Scale")."""
+        stall = self._hedge_after()
+        original = asyncio.ensure_future(attempt())
+        pending, hedges = {original}, 0
+        try:
+            while True:
+                hedge = stall is not None and hedges < self.max_retries
+                done, pending = await asyncio.wait(pending, timeout=stall if hedge else None,
+                                                   return_when=asyncio.FIRST_COMPLETED)
+                if not done:  # stalled
+                    hedges += 1
+                    self.stats["hedged"] += 1
+                    for t in pending - {original}:
+                        t.cancel()
+                    pending = {t for t in pending if t is original} | {asyncio.ensure_future(attempt())}
+                    continue
+                finished = next(iter(done))
+                if finished.exception() is None or not pending:
+                    return finished.result()
+        finally:
+            for t in pending:
+                t.cancel()
+
+    async def _post(self, session, sem: asyncio.Semaphore, request: Request, headers: dict,
+                    scrub: Callable[[str], str]) -> tuple[str, bool]:
         import aiohttp
 
         payload = {"model": self.model, "messages": list(request.messages), "temperature": self.temperature,
@@ -162,33 +231,23 @@ class OpenAITeacher:
         rng = random.Random(request.key)
         last = "no attempt"
         for attempt in range(self.max_retries + 1):
-            await self._throttle()
             retry_after = None
             try:
-                async with session.post(url, json=payload, headers=headers,
-                                        timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                    body = await resp.text()
-                    if resp.status == 429 or resp.status >= 500:
-                        ra = resp.headers.get("Retry-After")
-                        wait = float(ra) if ra and ra.replace(".", "").isdigit() else None
-                        raise _Retryable(f"HTTP {resp.status}", wait)
-                    if resp.status >= 400:  # a bad request will not get better by retrying
-                        raise TeacherError(scrub(f"teacher '{self.name}': HTTP {resp.status}: {body[:200]}"))
-                    content = json.loads(body)["choices"][0]["message"]["content"]
-                    if not isinstance(content, str):
-                        raise _Retryable("reply has no text content")
-                    return content
+                async with sem:  # a slot is held only while an attempt is in flight, never while backing off
+                    await self._throttle()
+                    return await self._hedged(lambda: self._attempt(session, url, payload, headers, scrub))
             except _Retryable as e:
                 last, retry_after = str(e), e.retry_after
             except asyncio.TimeoutError:
                 last = f"timeout after {self.timeout_s}s"
             except (aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
                 last = f"{type(e).__name__}: {e}"
+            self.stats["retries"] += 1
             if attempt < self.max_retries:
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + 0.5 * rng.random())
                 await asyncio.sleep(max(delay, retry_after or 0.0))
-        raise TeacherError(scrub(f"teacher '{self.name}': request {request.key[:12]} failed after "
-                                 f"{self.max_retries + 1} attempts (last: {last}); "
+        raise TeacherError(scrub(f"teacher '{self.name}': {self.base_url}: request {request.key[:12]} failed "
+                                 f"after {self.max_retries + 1} attempts (last: {last}); "
                                  "finished replies are cached, rerun to resume"))
 
     async def complete(self, requests: list[Request], done: Done) -> None:
@@ -201,13 +260,13 @@ class OpenAITeacher:
             return text.replace(key, "***") if key else text
 
         sem = asyncio.Semaphore(self.concurrency)
-        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        # Room for one hedged copy per slot: the stalled original keeps its connection until it is cancelled.
+        connector = aiohttp.TCPConnector(limit=2 * self.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
 
             async def one(r: Request) -> None:
-                async with sem:
-                    text = await self._post(session, r, headers, scrub)
-                done(r, text)
+                text, truncated = await self._post(session, sem, r, headers, scrub)
+                done(r, text, truncated)
 
             tasks = [asyncio.ensure_future(one(r)) for r in requests]
             try:
@@ -217,6 +276,18 @@ class OpenAITeacher:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
+
+
+def _server_message(body: str) -> str:
+    """The error text an OpenAI-compatible server sends ({"error": {"message": ...}}), else the body's start."""
+    try:
+        err = json.loads(body).get("error")
+        message = err.get("message") if isinstance(err, dict) else err
+        if isinstance(message, str) and message:
+            return message[:300]
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return body[:200].strip() or "(empty body)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +324,7 @@ class TransformersTeacher:
             replies = generate_replies(model, tokenizer, [list(r.messages) for r in batch], len(batch),
                                        self.max_new_tokens, **sampling)
             for r, text in zip(batch, replies):
-                done(r, text)
+                done(r, text, False)
             await asyncio.sleep(0)
 
 
@@ -309,7 +380,8 @@ def parse_rating(text: str) -> float | None:
 
 
 class RequestCache:
-    """Finished requests as jsonl lines {"key", "reply"}: appended and flushed as each reply arrives, fsynced
+    """Finished requests as jsonl lines {"key", "reply"} (plus "truncated": true for a reply cut at the token
+    limit, kept in `truncated`): appended and flushed as each reply arrives, fsynced
     at least once a second and on close. A run killed mid-write leaves at most one torn last line, which is cut
     off on the next open; the request is then simply asked again."""
 
@@ -317,6 +389,7 @@ class RequestCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.replies: dict[str, str] = {}
+        self.truncated: set[str] = set()
         good = 0
         if self.path.is_file():
             data = self.path.read_bytes()
@@ -327,6 +400,8 @@ class RequestCache:
                 try:
                     row = json.loads(line)
                     self.replies[row["key"]] = row["reply"]
+                    if row.get("truncated"):
+                        self.truncated.add(row["key"])
                 except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                     if n < len(lines) - 1:  # only the last line can be torn: anything else is damage
                         raise RecipeError(f"{self.path}: line {n} is not a cache record; "
@@ -342,11 +417,15 @@ class RequestCache:
     def get(self, key: str) -> str | None:
         return self.replies.get(key)
 
-    def put(self, key: str, reply: str) -> None:
+    def put(self, key: str, reply: str, truncated: bool = False) -> None:
         if key in self.replies:
             return
         self.replies[key] = reply
-        self._fh.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+        record = {"key": key, "reply": reply}
+        if truncated:
+            self.truncated.add(key)
+            record["truncated"] = True
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()  # in the OS after this: a kill -9 cannot lose it
         if time.monotonic() - self._synced > 1.0:  # on disk after this: a power loss cannot either
             os.fsync(self._fh.fileno())
@@ -368,8 +447,8 @@ def run_requests(teacher, requests: list[Request], cache: RequestCache, desc: st
     bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc=desc, unit="req", dynamic_ncols=True,
                mininterval=1.0)
 
-    def done(r: Request, text: str) -> None:
-        cache.put(r.key, text)
+    def done(r: Request, text: str, truncated: bool = False) -> None:
+        cache.put(r.key, text, truncated)
         bar.update()
 
     try:
