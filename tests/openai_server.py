@@ -156,10 +156,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--latency_s", type=float, default=0.0)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--hang_s", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
     for kind in FAULTS:
         ap.add_argument(f"--fault_{kind}", type=float, default=0.0)
     a = ap.parse_args()
-    server = OpenAIServer(latency_s=a.latency_s, port=a.port, record=False,
+    server = OpenAIServer(latency_s=a.latency_s, port=a.port, record=False, hang_s=a.hang_s, seed=a.seed,
                           faults={k: getattr(a, f"fault_{k}") for k in FAULTS if getattr(a, f"fault_{k}")})
     server.start()
     print(server.base_url, flush=True)

@@ -209,6 +209,8 @@ def test_rate_limit(tmp_path):
 def test_backoff_frees_the_slot_and_a_hung_request_is_hedged(tmp_path):
     # One slot. The first request meets a 500 and backs off for ~1 s: the other requests must go through the
     # slot meanwhile (before this fix the slot slept with it).
+    import aiohttp
+
     cache = RequestCache(tmp_path / "c.jsonl")
     first_failed = []
 
@@ -222,7 +224,7 @@ def test_backoff_frees_the_slot_and_a_hung_request_is_hedged(tmp_path):
         async def flaky(session, url, payload, headers, scrub):
             if payload["messages"][0]["content"] == "0" and not first_failed:
                 first_failed.append(time.monotonic())
-                raise json.JSONDecodeError("torn", "", 0)
+                raise aiohttp.ClientConnectionError("connection reset")
             return await original(session, url, payload, headers, scrub)
 
         teacher._attempt = flaky

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import hashlib
+import heapq
+import itertools
 import json
 import os
 import random
@@ -104,6 +107,41 @@ class OracleTeacher:
 # ---------------------------------------------------------------------------------------------
 # OpenAI-compatible endpoint
 # ---------------------------------------------------------------------------------------------
+
+
+class _Slots:
+    """A concurrency limit that serves retries before first attempts (then in arrival order). With a plain
+    FIFO semaphore a retried request queues behind every request not yet started, so the retries pile up at
+    the end of the run and its tail grows by a whole queue per failure."""
+
+    def __init__(self, n: int):
+        self.free, self._waiters, self._seq = n, [], itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, attempt: int):
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (-attempt, next(self._seq), fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():  # handed the slot just as it was cancelled: pass it on
+                    self._release()
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = heapq.heappop(self._waiters)[2]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
 
 
 class _Retryable(Exception):
@@ -199,20 +237,24 @@ class OpenAITeacher:
         wins, the rest are cancelled. The original runs on to its timeout; a stalled copy gives way to the next
         (at most 2 in flight per slot, `max_retries` copies). A hung request so costs its slot a few latencies,
         not the whole timeout (Dean & Barroso, "The Tail at Scale")."""
-        stall = self._hedge_after()
         original = asyncio.ensure_future(attempt())
-        pending, hedges = {original}, 0
+        pending, hedges, started = {original}, 0, time.monotonic()
         try:
             while True:
-                hedge = stall is not None and hedges < self.max_retries
-                done, pending = await asyncio.wait(pending, timeout=stall if hedge else None,
-                                                   return_when=asyncio.FIRST_COMPLETED)
-                if not done:  # stalled
-                    hedges += 1
-                    self.stats["hedged"] += 1
-                    for t in pending - {original}:
-                        t.cancel()
-                    pending = {t for t in pending if t is original} | {asyncio.ensure_future(attempt())}
+                stall = self._hedge_after() if hedges < self.max_retries else None
+                if stall is not None:
+                    timeout = max(0.0, started + stall - time.monotonic())
+                else:  # no threshold yet (too few replies): look again in a second
+                    timeout = 1.0 if hedges < self.max_retries and self.hedge_after_s is None else None
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if stall is not None:  # stalled: the newest copy gives way to a fresh one
+                        hedges += 1
+                        self.stats["hedged"] += 1
+                        for t in pending - {original}:
+                            t.cancel()
+                        pending = {t for t in pending if t is original} | {asyncio.ensure_future(attempt())}
+                        started = time.monotonic()
                     continue
                 finished = next(iter(done))
                 if finished.exception() is None or not pending:
@@ -221,7 +263,7 @@ class OpenAITeacher:
             for t in pending:
                 t.cancel()
 
-    async def _post(self, session, sem: asyncio.Semaphore, request: Request, headers: dict,
+    async def _post(self, session, slots: _Slots, request: Request, headers: dict,
                     scrub: Callable[[str], str]) -> tuple[str, bool]:
         import aiohttp
 
@@ -229,23 +271,29 @@ class OpenAITeacher:
                    "max_tokens": self.max_tokens, "seed": request.seed * 1000 + request.sample, "n": 1}
         url = self.base_url.rstrip("/") + "/chat/completions"
         rng = random.Random(request.key)
-        last = "no attempt"
+        last, malformed = "no attempt", 0
         for attempt in range(self.max_retries + 1):
             retry_after = None
             try:
-                async with sem:  # a slot is held only while an attempt is in flight, never while backing off
+                async with slots.slot(attempt):  # held only while an attempt is in flight, never while backing off
                     await self._throttle()
                     return await self._hedged(lambda: self._attempt(session, url, payload, headers, scrub))
             except _Retryable as e:
                 last, retry_after = str(e), e.retry_after
             except asyncio.TimeoutError:
                 last = f"timeout after {self.timeout_s}s"
-            except (aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                # A torn or malformed body is a transport glitch, not a sign of load: the first one is asked
+                # again at once.
+                last, retry_after = f"malformed reply ({type(e).__name__}: {e})", 0.0 if not malformed else None
+                malformed += 1
+            except aiohttp.ClientError as e:
                 last = f"{type(e).__name__}: {e}"
             self.stats["retries"] += 1
             if attempt < self.max_retries:
+                # The server's Retry-After when it sends one; else exponential backoff with jitter.
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + 0.5 * rng.random())
-                await asyncio.sleep(max(delay, retry_after or 0.0))
+                await asyncio.sleep(retry_after if retry_after is not None else delay)
         raise TeacherError(scrub(f"teacher '{self.name}': {self.base_url}: request {request.key[:12]} failed "
                                  f"after {self.max_retries + 1} attempts (last: {last}); "
                                  "finished replies are cached, rerun to resume"))
@@ -259,13 +307,13 @@ class OpenAITeacher:
         def scrub(text: str) -> str:
             return text.replace(key, "***") if key else text
 
-        sem = asyncio.Semaphore(self.concurrency)
+        slots = _Slots(self.concurrency)
         # Room for one hedged copy per slot: the stalled original keeps its connection until it is cancelled.
         connector = aiohttp.TCPConnector(limit=2 * self.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
 
             async def one(r: Request) -> None:
-                text, truncated = await self._post(session, sem, r, headers, scrub)
+                text, truncated = await self._post(session, slots, r, headers, scrub)
                 done(r, text, truncated)
 
             tasks = [asyncio.ensure_future(one(r)) for r in requests]
