@@ -74,11 +74,24 @@ def held_out(tasks: list[str | Task], n: int, split: str = "test", difficulty: i
 
 def evaluate(model, tokenizer, tasks: list[str | Task], n: int, split: str = "test", difficulty: int = 1,
              system_prompt: str | None = None, batch_size: int = 64, max_new_tokens: int = 128,
-             seed: int = 0) -> dict[str, float]:
-    """Accuracy of greedy replies on `n` held-out examples per task: {"accuracy/add": .., "accuracy/mean": ..}."""
-    rows = score(model, tokenizer, held_out(tasks, n, split, difficulty, seed), system_prompt, batch_size,
-                 max_new_tokens)
-    return accuracy(rows)
+             seed: int = 0, state=None) -> dict[str, float]:
+    """Accuracy of greedy replies on `n` held-out examples per task: {"accuracy/add": .., "accuracy/mean": ..}.
+
+    With `state` (an accelerate `Accelerator` or `PartialState`) of several processes, each process decodes
+    its share of the examples (`split_between_processes`) and the rows are gathered (`gather_object`), so
+    every process returns the same metrics. The shares are padded to equal length: each process then runs the
+    same number of `generate` calls, as ZeRO-3 needs (every rank takes part in every forward; within a call
+    transformers keeps the ranks in step with `synced_gpus`)."""
+    examples = held_out(tasks, n, split, difficulty, seed)
+    if state is None or state.num_processes == 1:
+        return accuracy(score(model, tokenizer, examples, system_prompt, batch_size, max_new_tokens))
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(list(enumerate(examples)), apply_padding=True) as mine:
+        rows = score(model, tokenizer, [e for _, e in mine], system_prompt, batch_size, max_new_tokens)
+        indexed = [(i, row) for (i, _), row in zip(mine, rows)]
+    by_index = dict(gather_object(indexed))  # the padding repeats examples: one row per index
+    return accuracy([by_index[i] for i in range(len(examples))])
 
 
 @dataclasses.dataclass
