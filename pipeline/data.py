@@ -13,6 +13,7 @@ from typing import Literal
 import datasets
 
 from pipeline.config import DataArguments, RecipeError
+from pipeline.io import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _load_one(path: str, *, name=None, split=None, data_dir=None, data_files=Non
                 raise RecipeError(f"{where}: {path}: no split '{split}' (has {', '.join(ds)})")
             ds = ds[split]
         return ds
-    if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix in _FILE_BUILDERS):
+    if not p.exists() and looks_local(path):
         raise RecipeError(f"{where}: dataset {path} not found")
     try:  # a hub id, or a folder of data files
         return datasets.load_dataset(path, name=name, split=split, data_dir=data_dir, data_files=data_files)

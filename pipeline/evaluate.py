@@ -13,10 +13,21 @@ import time
 from pathlib import Path
 
 from pipeline.config import RecipeError, cli, parse
-from pipeline.io import atomic_write_json, write_stage_result
+from pipeline.io import atomic_write_json, looks_local, write_stage_result
 from pipeline.tasks import Example, Task, get_task, make_split, to_prompt
 
 logger = logging.getLogger(__name__)
+
+
+def load_for_generation(path: str):
+    """(model, tokenizer) for decoding: on the GPU when there is one, in the checkpoint's own dtype there
+    (bf16 stays bf16), fp32 on CPU; in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32)
+    return model.to("cuda" if cuda else "cpu").eval(), AutoTokenizer.from_pretrained(path)
 
 
 def generate_replies(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64,
@@ -124,12 +135,9 @@ class EvalArguments:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,), _, source = parse([EvalArguments], argv, prog="python -m pipeline.evaluate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not Path(args.model_name_or_path).exists() and args.model_name_or_path.startswith(("/", ".", "outputs")):
+    if not Path(args.model_name_or_path).exists() and looks_local(args.model_name_or_path):
         raise RecipeError(f"{source}: key 'model_name_or_path': {args.model_name_or_path} does not exist")
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    model, tokenizer = load_for_generation(args.model_name_or_path)
 
     start = time.perf_counter()
     examples = held_out(args.tasks, args.n, args.split, args.difficulty, args.seed)

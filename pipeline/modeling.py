@@ -9,13 +9,9 @@ import torch
 from trl import get_peft_config, get_quantization_config
 
 from pipeline.config import ModelArguments, RecipeError
+from pipeline.io import looks_local
 
 logger = logging.getLogger(__name__)
-
-
-def _looks_local(name: str) -> bool:
-    # Hub ids are "org/name"; anything else that does not exist is a missing local path.
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
 
 
 def resolve_model_path(model_args: ModelArguments, source: str) -> str:
@@ -36,14 +32,14 @@ def resolve_model_path(model_args: ModelArguments, source: str) -> str:
         logger.warning("model_name_or_path %s not found: starting from the tiny model %s (spec %s)",
                        name, path, model_args.tiny_model)
         return str(path)
-    if _looks_local(name):
+    if looks_local(name):
         raise RecipeError(f"{source}: key 'model_name_or_path': {name} not found (and no 'tiny_model' to build)")
     return name
 
 
 def resolve_ref_path(model_args: ModelArguments, source: str) -> str | None:
     name = model_args.ref_model_name_or_path
-    if name and not Path(name).exists() and _looks_local(name):
+    if name and not Path(name).exists() and looks_local(name):
         raise RecipeError(f"{source}: key 'ref_model_name_or_path': {name} not found")
     return name
 
@@ -82,7 +78,9 @@ def load_model(path: str, model_args: ModelArguments, training_args):
             kwargs["device_map"] = {"": PartialState().local_process_index}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization_config is not None:
-        _disable_packed_cpu_4bit(model)
+        from pipeline.quant.qlora import disable_cpu_packing
+
+        disable_cpu_packing(model)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
         model.config.use_cache = False
     return model
@@ -110,14 +108,6 @@ def _load_preserving_super_weights(path: str, model_args: ModelArguments, traini
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
     return model
-
-
-def _disable_packed_cpu_4bit(model) -> None:
-    # bitsandbytes 0.50 repacks 4-bit weights for an AVX512-BF16 CPU kernel after a no-grad forward; that
-    # kernel has no autograd, so later LoRA gradients would be silently wrong (bitsandbytes #2078).
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def peft_config(model_args: ModelArguments):

@@ -358,12 +358,10 @@ class TransformersTeacher:
 
     async def complete(self, requests: list[Request], done: Done) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.evaluate import generate_replies
+        from pipeline.evaluate import generate_replies, load_for_generation
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path)
+        model, tokenizer = load_for_generation(self.model_name_or_path)
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else {}
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start:start + self.batch_size]
