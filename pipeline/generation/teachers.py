@@ -220,6 +220,8 @@ class OpenAITeacher:
             if not isinstance(content, str):
                 raise _Retryable("reply has no text content")
             self._latencies.append(time.monotonic() - start)
+            if len(self._latencies) > 512:
+                del self._latencies[:-256]
             # Cut at max_tokens: not a complete sample. Asking again with the same seed would cut it again, so
             # it is kept (cached, marked) and left out of the SFT/DPO rows.
             return content, choice.get("finish_reason") == "length"
