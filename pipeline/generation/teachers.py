@@ -5,7 +5,9 @@ reply arrives (in any order). Three kinds:
   - `OracleTeacher`: the task world answers in the style its system prompt asks for, and (for preference
     pairs) makes plausible mistakes at a set rate.
   - `OpenAITeacher`: any OpenAI-compatible /chat/completions endpoint; async with a concurrency limit, an
-    optional rate limit, retries with exponential backoff on 429/5xx/timeouts/malformed replies.
+    optional rate limit, retries with exponential backoff on 429/5xx/timeouts/malformed replies. A slot is
+    held only while an attempt is in flight (never while backing off), retries get the next free slot
+    first, and a stalled request is hedged with a second copy. A reply cut at max_tokens is marked.
   - `TransformersTeacher`: a local model, batched `generate`.
 The API key is read from the environment variable the recipe names, sent only as a header, and scrubbed
 from every error message; request keys hash the teacher's identity (endpoint, model, sampling), not the key.
