@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# Optional pip constraints, e.g. .ci/lowest.txt or .ci/highest.txt (CI installs both ends of every range).
+CONSTRAINTS ?=
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -12,11 +15,12 @@ export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/torch_extensions
 
 .PHONY: install demo test test-slow test-all clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[all]"
+	$(PY) -m pip install -q $(PIP_C) -e ".[all]"
+	$(PY) -m pip check
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,9 +1,12 @@
 """Strict recipe parsing: a YAML file plus command-line overrides into dataclasses (TRL's and ours).
 
-TRL's own parser turns YAML values into argparse defaults without checking their types, so
-`learning_rate: 1e-5` (a *string* to YAML) or `num_train_epochs: two` only fail deep inside training.
-Here every key must belong to one of the stage's dataclasses, every value must fit its field's type,
-and cross-field rules run before anything heavy is loaded. A violation raises `RecipeError`, which
+Why not `trl.TrlParser` (read in trl 1.16, scripts/utils.py): it sets YAML values as argparse defaults.
+That converts a string such as `learning_rate: 1e-5` and rejects an unknown key, but a value that is not a
+string is never checked (`learning_rate: [1]` or `max_steps: 1.5` reach the config as they are), a bad string
+exits through argparse's usage message without naming the file, there are no "did you mean" hints, and
+list/dict fields (teachers, dataset mixtures) pass unchecked. Here every key must belong to one of the
+stage's dataclasses, every value must fit its field's type, and cross-field rules run before anything
+heavy is loaded. A violation raises `RecipeError`, which
 `cli()` prints as one line naming the file, the key and the nearest valid key, then exits with 2.
 """
 
@@ -27,6 +30,10 @@ from trl import ModelConfig, ScriptArguments
 
 class RecipeError(Exception):
     """A bad recipe or command line. The message is one line and names the file and the key."""
+
+
+class RunError(RuntimeError):
+    """A stage that cannot go on for a reason outside the recipe (e.g. an unreachable teacher endpoint)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,13 +513,17 @@ EXIT_TEACHER = 3
 
 
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2 (a teacher that
-    failed after its retries: one line and exit code 3)."""
+    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2, a RunError (e.g. an
+    unreachable endpoint) into one line and exit code 1, and a teacher that failed after its retries into one line
+    and exit code 3."""
     try:
         main(argv)
     except RecipeError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunError as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as e:
         teachers = sys.modules.get("pipeline.generation.teachers")
         teacher_error = getattr(teachers, "TeacherError", None)

@@ -166,10 +166,12 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     main_process = training_args.process_index == 0
 
+    from accelerate import PartialState
+
     def accuracies(model) -> list[float]:  # every task of the sequence, each at its own difficulty
         return [evaluate(model, tokenizer, [t["task"]], args.eval_n, difficulty=t["difficulty"],
-                         system_prompt=args.system_prompt, max_new_tokens=training_args.max_completion_length
-                         )[f"accuracy/{t['task']}"] for t in tasks]
+                         system_prompt=args.system_prompt, max_new_tokens=training_args.max_completion_length,
+                         state=PartialState())[f"accuracy/{t['task']}"] for t in tasks]
 
     if progress["initial"] is None:
         progress["initial"] = accuracies(load_model(progress["initial_model"], model_args, training_args))
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         trainer = CPPOTrainer(model=model, reward_funcs=reward, args=task_args, train_dataset=train,
                               processing_class=tokenizer, anchor_model=anchor)
         was_done = read_stage_result(task_args.output_dir) is not None
-        metrics = train_and_save(trainer, f"cppo/{task['task']}")
+        metrics = train_and_save(trainer, f"cppo/{task['task']}", end=False)  # more tasks and evaluations follow
         if was_done:  # trained before an interruption, not yet recorded: its saved model is the result
             model = load_model(task_args.output_dir, model_args, task_args)
         else:
@@ -217,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     f"c_KR={training_args.c_kr}, weighting={training_args.weighting}")
         write_stage_result(out, "cppo", metrics, {"model": progress["done"][-1]["model"],
                                                   "forgetting": str(out / "forgetting.json")})
+    PartialState().destroy_process_group()  # what trainer.end() does, once after the last task
     return metrics
 
 

@@ -13,6 +13,7 @@ from typing import Literal
 import datasets
 
 from pipeline.config import DataArguments, RecipeError
+from pipeline.io import looks_local
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _load_one(path: str, *, name=None, split=None, data_dir=None, data_files=Non
                 raise RecipeError(f"{where}: {path}: no split '{split}' (has {', '.join(ds)})")
             ds = ds[split]
         return ds
-    if not p.exists() and (path.startswith((".", "/", "~")) or path.count("/") > 1 or p.suffix in _FILE_BUILDERS):
+    if not p.exists() and looks_local(path):
         raise RecipeError(f"{where}: dataset {path} not found")
     try:  # a hub id, or a folder of data files
         return datasets.load_dataset(path, name=name, split=split, data_dir=data_dir, data_files=data_files)
@@ -56,6 +57,46 @@ def _load_one(path: str, *, name=None, split=None, data_dir=None, data_files=Non
 def _first_line(e: BaseException) -> str:
     lines = [line for line in str(e).splitlines() if line.strip()]
     return lines[0].strip() if lines else "no message"
+
+
+def _mixture_entry(cfg: dict, where: str):
+    """A `datasets:` entry as TRL's DatasetConfig. A local file becomes its builder plus `data_files`, a
+    `save_to_disk` directory the `arrow` builder over its shards; a missing local path is a one-line error."""
+    from trl.scripts.utils import DatasetConfig
+
+    path, p = cfg["path"], Path(cfg["path"])
+    keep = {"columns": cfg.get("columns"), "fraction": cfg.get("fraction")}
+    if p.is_file():
+        builder = _FILE_BUILDERS.get(p.suffix)
+        if builder is None:
+            raise RecipeError(f"{where}: {path}: unsupported file type '{p.suffix}' (use {', '.join(_FILE_BUILDERS)})")
+        return DatasetConfig(path=builder, data_files=str(p), split="train", **keep)
+    if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file()):
+        split = cfg.get("split") or "train"
+        shards = p / split if (p / "dataset_dict.json").is_file() else p
+        if not shards.is_dir():
+            raise RecipeError(f"{where}: {path}: no split '{split}'")
+        return DatasetConfig(path="arrow", data_files=sorted(str(f) for f in shards.glob("*.arrow")), split="train",
+                             **keep)
+    if not p.exists() and looks_local(path):
+        raise RecipeError(f"{where}: dataset {path} not found")
+    return DatasetConfig(path=path, name=cfg.get("name"), data_dir=cfg.get("data_dir"),
+                         data_files=cfg.get("data_files"), split=cfg.get("split") or "train", **keep)
+
+
+def _load_mixture(entries: list[dict], source: str) -> datasets.Dataset:
+    """The `datasets:` mixture through `trl.get_dataset` (loading, `columns`, `fraction` shares that oversample
+    no dataset, concatenation), with local files and one-line errors."""
+    from trl import DatasetMixtureConfig, get_dataset
+
+    configs = []
+    for i, cfg in enumerate(entries):
+        configs.append(_mixture_entry(cfg, f"{source}: datasets[{i}]"))
+    try:
+        return get_dataset(DatasetMixtureConfig(datasets=configs))["train"]
+    except Exception as e:  # datasets raises many types; a missing column is a ValueError from select_columns
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RecipeError(f"{source}: key 'datasets': cannot build the mixture ({type(e).__name__}: {first})") from None
 
 
 def check_columns(ds: datasets.Dataset, stage: Stage, what: str) -> None:
@@ -198,41 +239,23 @@ def _check_json_lines(path: Path, stage: Stage) -> None:
 def load_train_data(args: DataArguments, stage: Stage, source: str, seed: int = 0):
     """(train, eval or None) for a stage, from `dataset_name` or the `datasets` mixture."""
     parts: list[datasets.Dataset] = []
-    fractions: list[float | None] = []
     eval_ds = None
     if args.dataset_name:
         where = f"{source}: key 'dataset_name'"
         parts.append(_load_one(args.dataset_name, name=args.dataset_config, split=args.dataset_train_split, where=where))
-        fractions.append(None)
         if args.eval_split_size is None and not Path(args.dataset_name).is_file():
             try:
                 eval_ds = _load_one(args.dataset_name, name=args.dataset_config, split=args.dataset_test_split,
                                     where=where)
             except RecipeError:
                 eval_ds = None  # no test split: fine, evaluation is optional
-    for i, cfg in enumerate(args.datasets):
-        where = f"{source}: datasets[{i}]"
-        ds = _load_one(cfg["path"], name=cfg.get("name"), split=cfg.get("split"), data_dir=cfg.get("data_dir"),
-                       data_files=cfg.get("data_files"), where=where)
-        if cfg.get("columns"):
-            missing = [c for c in cfg["columns"] if c not in ds.column_names]
-            if missing:
-                raise RecipeError(f"{where}: columns {missing} not in {cfg['path']} (has {ds.column_names})")
-            ds = ds.select_columns(cfg["columns"])
-        parts.append(ds)
-        fractions.append(cfg.get("fraction"))
+    if args.datasets:
+        parts.append(_load_mixture(args.datasets, source))
 
     for i, ds in enumerate(parts):
         check_columns(ds, stage, f"{source}: dataset {i} ({len(ds)} rows)")
-    if any(f is not None for f in fractions):
-        if any(f is None for f in fractions):
-            raise RecipeError(f"{source}: key 'datasets': set 'fraction' on every dataset of the mixture or on none")
-        # Shares of the final mixture; no dataset is oversampled.
-        weights = [f / sum(fractions) for f in fractions]
-        total = min(len(ds) / w for ds, w in zip(parts, weights) if w > 0)
-        parts = [ds.select(range(round(w * total))) for ds, w in zip(parts, weights)]
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
-    if len(parts) > 1:
+    if len(parts) > 1 or len(args.datasets) > 1:
         train = train.shuffle(seed=seed)
     if args.eval_split_size is not None:
         size = int(args.eval_split_size) if args.eval_split_size >= 1 else args.eval_split_size

@@ -19,6 +19,17 @@ from pipeline.tasks import Example, Task, get_task, make_split, to_prompt
 logger = logging.getLogger(__name__)
 
 
+def load_for_generation(path: str):
+    """(model, tokenizer) for decoding: on the GPU when there is one, in the checkpoint's own dtype there
+    (bf16 stays bf16), fp32 on CPU; in eval mode."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32)
+    return model.to("cuda" if cuda else "cpu").eval(), AutoTokenizer.from_pretrained(path)
+
+
 def generate_replies(model, tokenizer, conversations: list[list[dict]], batch_size: int = 64,
                      max_new_tokens: int = 128, **generate_kwargs) -> list[str]:
     """Replies to chat `conversations` (greedy unless `generate_kwargs` say otherwise), batched with left
@@ -74,11 +85,24 @@ def held_out(tasks: list[str | Task], n: int, split: str = "test", difficulty: i
 
 def evaluate(model, tokenizer, tasks: list[str | Task], n: int, split: str = "test", difficulty: int = 1,
              system_prompt: str | None = None, batch_size: int = 64, max_new_tokens: int = 128,
-             seed: int = 0) -> dict[str, float]:
-    """Accuracy of greedy replies on `n` held-out examples per task: {"accuracy/add": .., "accuracy/mean": ..}."""
-    rows = score(model, tokenizer, held_out(tasks, n, split, difficulty, seed), system_prompt, batch_size,
-                 max_new_tokens)
-    return accuracy(rows)
+             seed: int = 0, state=None) -> dict[str, float]:
+    """Accuracy of greedy replies on `n` held-out examples per task: {"accuracy/add": .., "accuracy/mean": ..}.
+
+    With `state` (an accelerate `Accelerator` or `PartialState`) of several processes, each process decodes
+    its share of the examples (`split_between_processes`) and the rows are gathered (`gather_object`), so
+    every process returns the same metrics. The shares are padded to equal length: each process then runs the
+    same number of `generate` calls, as ZeRO-3 needs (every rank takes part in every forward; within a call
+    transformers keeps the ranks in step with `synced_gpus`)."""
+    examples = held_out(tasks, n, split, difficulty, seed)
+    if state is None or state.num_processes == 1:
+        return accuracy(score(model, tokenizer, examples, system_prompt, batch_size, max_new_tokens))
+    from accelerate.utils import gather_object
+
+    with state.split_between_processes(list(enumerate(examples)), apply_padding=True) as mine:
+        rows = score(model, tokenizer, [e for _, e in mine], system_prompt, batch_size, max_new_tokens)
+        indexed = [(i, row) for (i, _), row in zip(mine, rows)]
+    by_index = dict(gather_object(indexed))  # the padding repeats examples: one row per index
+    return accuracy([by_index[i] for i in range(len(examples))])
 
 
 @dataclasses.dataclass
@@ -111,13 +135,10 @@ class EvalArguments:
 def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     (args,), _, source = parse([EvalArguments], argv, prog="python -m pipeline.evaluate")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from pipeline.modeling import check_model_path
 
     check_model_path(args.model_name_or_path, source)  # before loading; output_dir was checked by parse
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path)
+    model, tokenizer = load_for_generation(args.model_name_or_path)
 
     start = time.perf_counter()
     examples = held_out(args.tasks, args.n, args.split, args.difficulty, args.seed)

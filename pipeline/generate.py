@@ -187,6 +187,14 @@ def main(argv: list[str] | None = None) -> dict:
         scores = score(queries, candidates, replies, judge, cache, args)
     finally:
         cache.close()
+    # A reply cut at the token limit is not a complete sample: it never becomes an SFT row or a DPO side.
+    n_truncated = 0
+    for q in queries:
+        for i, (_, r) in enumerate(candidates[q.id]):
+            if r.key in cache.truncated:
+                scores[q.id][i] = None
+                n_truncated += 1
+    n_identical = warn_identical_samples(queries, candidates, replies, teachers, args.n_samples)
 
     sft, dpo = [], []
     for q in queries:
@@ -220,7 +228,12 @@ def main(argv: list[str] | None = None) -> dict:
         artifacts["corpus"] = str(out / "corpus.txt")
     n_scored = sum(s is not None for v in scores.values() for s in v)
     n_correct = sum(s is not None and s >= min_score for v in scores.values() for s in v)
-    metrics = {"queries": len(queries), **stats, "completions": n_scored, "sft_rows": len(sft), "dpo_pairs": len(dpo),
+    if n_truncated:
+        logger.warning("generate: %d of %d replies were cut at the token limit (finish_reason 'length') and left "
+                       "out of the SFT/DPO rows; raise the teacher's max_tokens", n_truncated,
+                       sum(len(c) for c in candidates.values()))
+    metrics = {"queries": len(queries), **stats, "completions": n_scored, "completions_truncated": n_truncated,
+               "queries_identical_samples": n_identical, "sft_rows": len(sft), "dpo_pairs": len(dpo),
                "completion_pass_rate": round(n_correct / max(n_scored, 1), 4),
                "seconds": round(time.perf_counter() - start, 2)}
     logger.info("generate: %s", metrics)
@@ -239,7 +252,31 @@ def score(queries, candidates, replies, judge, cache, args) -> dict[str, list[fl
             msgs = judge_messages(r.messages, replies[r.key])
             reqs[r.key] = Request(request_key(judge.identity, msgs, 0, args.seed), msgs, 0, args.seed)
     ratings = run_requests(judge, list(reqs.values()), cache, desc=f"judge[{judge.name}]")
-    return {q.id: [parse_rating(ratings[reqs[r.key].key]) for _, r in candidates[q.id]] for q in queries}
+    out = {q.id: [parse_rating(ratings[reqs[r.key].key]) for _, r in candidates[q.id]] for q in queries}
+    unusable = sum(x is None for v in out.values() for x in v)
+    if unusable * 2 > len(reqs):
+        logger.warning("judge '%s': %d of %d replies have no usable 'Rating: <1-10>' line; those candidates are "
+                       "unscored (check the judge model and its max_tokens)", judge.name, unusable, len(reqs))
+    return out
+
+
+def warn_identical_samples(queries, candidates, replies, teachers, n_samples: int) -> int:
+    """Queries for which some teacher gave n_samples identical replies (a server that decodes greedily, e.g.
+    `transformers serve` with a model whose generation config has do_sample false): they give no DPO pair."""
+    if n_samples < 2:
+        return 0
+    n = 0
+    for q in queries:
+        for t in teachers:
+            texts = [replies[r.key] for name, r in candidates[q.id] if name == t.name]
+            if len(set(texts)) == 1:
+                n += 1
+                break
+    if n:
+        logger.warning("generate: for %d of %d queries all %d samples of a teacher are identical: the endpoint "
+                       "does not sample (temperature ignored, or a greedy generation config), so they give no "
+                       "DPO pairs", n, len(queries), n_samples)
+    return n
 
 
 def save_dataset(rows: list[dict], path: Path) -> None:

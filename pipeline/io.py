@@ -1,7 +1,9 @@
-"""Atomic file writes and the stage-result contract the staged runner reads."""
+"""Atomic file writes, the stage-result contract the staged runner reads, and two small helpers every
+stage shares: which names are local paths, and model fingerprints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +12,39 @@ from pathlib import Path
 from typing import Any, Iterator
 
 STAGE_RESULT = "stage_result.json"
+_LOCAL_SUFFIXES = {".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".yaml", ".yml", ".safetensors"}
+
+
+def looks_local(name: str) -> bool:
+    """Whether `name` (a model or dataset) is meant as a local path rather than a hub id ("name" or
+    "org/name"), so that a missing one is a one-line error instead of a hub lookup."""
+    first = name.split("/")[0]
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix in _LOCAL_SUFFIXES
+            or ("/" in name and (first == "outputs" or Path(first).is_dir())))
+
+
+def model_fingerprint(model, embeddings_only: bool = False) -> str:
+    """sha256 that tells two models apart, computed on CPU (any device, any dtype of the same weights).
+
+    Default: every parameter's name, shape and a strided sample of its values. `embeddings_only`: the config's
+    shape and a slice of the input embedding rounded to bfloat16, which bitsandbytes never quantizes and LoRA
+    on linear layers never touches, so a 4-bit load (or a bf16 one) of a checkpoint matches its fp32 self."""
+    import torch
+
+    if embeddings_only:
+        c = model.config
+        shape = [c.model_type, c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size,
+                 getattr(c, "max_position_embeddings", None)]
+        h = hashlib.sha256(json.dumps(shape).encode())
+        emb = model.get_input_embeddings().weight.detach()
+        h.update(emb[:16, :64].to("cpu", torch.bfloat16).to(torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().float().flatten()
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(flat[:: max(1, flat.numel() // 64)].cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,13 +12,9 @@ import torch
 from trl import get_peft_config, get_quantization_config
 
 from pipeline.config import ModelArguments, RecipeError
+from pipeline.io import looks_local
 
 logger = logging.getLogger(__name__)
-
-
-def _looks_local(name: str) -> bool:
-    # Hub ids are "org/name"; anything else that does not exist is a missing local path.
-    return name.startswith((".", "/", "~")) or name.count("/") != 1 or Path(name.split("/")[0]).is_dir()
 
 
 _WEIGHTS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -50,7 +46,7 @@ def check_model_path(name: str, where: str, key: str = "model_name_or_path", tok
                 except (ValueError, UnicodeDecodeError):
                     raise RecipeError(f"{where}: key '{key}': {p / cfg} is not valid JSON") from None
         return
-    if _looks_local(name):
+    if looks_local(name):
         raise RecipeError(f"{where}: key '{key}': {name} not found")
     if hub_cache and os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         from huggingface_hub import try_to_load_from_cache
@@ -79,7 +75,7 @@ def resolve_model_path(model_args: ModelArguments, source: str) -> str:
         logger.warning("model_name_or_path %s not found: starting from the tiny model %s (spec %s)",
                        name, path, model_args.tiny_model)
         return str(path)
-    if _looks_local(name):
+    if looks_local(name):
         raise RecipeError(f"{source}: key 'model_name_or_path': {name} not found (and no 'tiny_model' to build)")
     check_model_path(name, source)
     return name
@@ -153,7 +149,9 @@ def load_model(path: str, model_args: ModelArguments, training_args):
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise RecipeError(f"cannot load a model from {path}: {first}") from None
     if quantization_config is not None:
-        _disable_packed_cpu_4bit(model)
+        from pipeline.quant.qlora import disable_cpu_packing
+
+        disable_cpu_packing(model)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
         model.config.use_cache = False
     return model
@@ -181,14 +179,6 @@ def _load_preserving_super_weights(path: str, model_args: ModelArguments, traini
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
     return model
-
-
-def _disable_packed_cpu_4bit(model) -> None:
-    # bitsandbytes 0.50 repacks 4-bit weights for an AVX512-BF16 CPU kernel after a no-grad forward; that
-    # kernel has no autograd, so later LoRA gradients would be silently wrong (bitsandbytes #2078).
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 def keep_adapter_dtype_on_resume(model) -> None:

@@ -174,11 +174,25 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def stage_logs(stage: Stage, report_dir: Path) -> str:
+    """Links to the stage's console log and, if it wrote one, its TensorBoard log directory (transformers
+    writes `<output_dir>/runs/<date>_<host>/` unless TENSORBOARD_LOGGING_DIR says otherwise)."""
+    links = []
+    log = report_dir / "logs" / f"{stage.name}.log"
+    if log.is_file():
+        links.append(f"[console](logs/{stage.name}.log)")
+    tb = Path(os.environ.get("TENSORBOARD_LOGGING_DIR") or Path(stage_output_dir(stage)) / "runs")
+    if tb.is_dir() and any(tb.iterdir()):
+        rel = os.path.relpath(tb, report_dir)
+        links.append(f"[TensorBoard]({rel}) (`tensorboard --logdir {tb}`)")
+    return ", ".join(links) or "-"
+
+
 def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path: Path) -> None:
     lines = [f"# {recipe.name}: staged run report", "",
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}. Re-run: `python -m pipeline.run --config "
              f"{state.get('_source', '')}`.", "",
-             "| stage | status | wall time | output | key metrics |", "|---|---|---|---|---|"]
+             "| stage | status | wall time | output | logs | key metrics |", "|---|---|---|---|---|---|"]
     accuracy_rows = []
     for stage in stages:
         s = state.get(stage.name, {})
@@ -186,7 +200,7 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
         metrics = result.get("metrics", {})
         secs = f"{s['seconds']:.0f} s" if "seconds" in s else "-"
         lines.append(f"| {stage.name} | {s.get('status', 'pending')} | {secs} | `{stage_output_dir(stage)}` | "
-                     f"{_summary(metrics)} |")
+                     f"{stage_logs(stage, path.parent)} | {_summary(metrics)} |")
         acc = {k: v for k, v in metrics.items() if "accuracy" in k and isinstance(v, (int, float))}
         if acc:
             accuracy_rows.append((stage.name, acc))

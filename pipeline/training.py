@@ -335,14 +335,18 @@ def _test_kill_hook(trainer) -> None:
     trainer.add_callback(Kill())
 
 
-def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) -> dict:
+def train_and_save(trainer, stage: str, data_args: DataArguments | None = None, end: bool = True) -> dict:
     """Train (resuming from the last complete checkpoint in output_dir, or the recipe's resume_from_checkpoint),
-    save model + metrics, mark the stage done."""
+    save model + metrics, mark the stage done. `end`: then `trainer.end()` (trackers finished, process group
+    destroyed), as TRL's scripts do; a stage that trains again or evaluates across processes afterwards passes False
+    and ends later."""
     args = trainer.args
     done = read_stage_result(args.output_dir)
     if done is not None:  # resuming a finished run would train one step past max_steps
         logger.warning("%s is already complete (%s exists): delete it or choose another output_dir to retrain",
                        args.output_dir, STAGE_RESULT)
+        if end:
+            trainer.end()
         return done["metrics"]
     resume = resume_point(args, clean=True)
     if resume:
@@ -360,11 +364,11 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) 
         metrics.update(first_logged_loss=losses[0], last_logged_loss=losses[-1])
     metrics.update(global_step=trainer.state.global_step, world_size=args.world_size)
     if data_args is not None and data_args.eval_tasks:
-        # Every rank runs the same greedy decode: under ZeRO-3 all ranks must take part in each forward.
+        # Each rank decodes its share and the rows are gathered (padded shares keep ZeRO-3's forwards in step).
         from pipeline.evaluate import evaluate
 
         metrics.update(evaluate(trainer.model, trainer.processing_class, data_args.eval_tasks,
-                                data_args.eval_examples))
+                                data_args.eval_examples, state=trainer.accelerator))
     registry = Path(args.output_dir) / "super_weights.json"  # written by a preserve_super_weights load
     if registry.is_file():
         metrics["super_weights_kept_exact"] = len(json.loads(registry.read_text())["super_weights"])
@@ -375,4 +379,6 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None) 
         if trainer.processing_class is not None:
             trainer.processing_class.save_pretrained(args.output_dir)
         write_stage_result(args.output_dir, stage, metrics, {"model": str(Path(args.output_dir))})
+    if end:
+        trainer.end()
     return metrics

@@ -6,7 +6,8 @@
 
 `reply(body) -> str` scripts the assistant text from the request JSON (default: echoes the last user
 message). Each request draws at most one fault: HTTP 429 (with Retry-After: 0), HTTP 500, a hang of
-`hang_s` (the client's timeout fires), or a 200 whose JSON is cut in half. Counters in `server.stats`;
+`hang_s` (the client's timeout fires), a 200 whose JSON is cut in half, or a reply cut at the token limit
+(half the text, finish_reason "length"). Counters in `server.stats`;
 request bodies and headers in `server.bodies` / `server.headers_seen` (unless record=False).
 It runs an aiohttp server on its own event loop in a daemon thread, bound to 127.0.0.1 port 0 (a free port).
 
@@ -27,7 +28,7 @@ from typing import Callable
 
 from aiohttp import web
 
-FAULTS = ("429", "500", "timeout", "truncated")
+FAULTS = ("429", "500", "timeout", "truncated", "length")
 
 
 def echo_reply(body: dict) -> str:
@@ -95,9 +96,12 @@ class OpenAIServer:
         except Exception as e:  # a scripted reply may reject a request on purpose (e.g. a 400 test)
             self.stats["reply_error"] += 1
             return web.json_response({"error": {"message": str(e)}}, status=400)
+        finish = "stop"
+        if fault == "length":
+            content, finish = content[: len(content) // 2], "length"
         payload = json.dumps({
             "id": f"chatcmpl-{self.stats['requests']}", "object": "chat.completion", "model": body.get("model"),
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+            "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         })
         if fault == "truncated":
@@ -152,10 +156,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--latency_s", type=float, default=0.0)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--hang_s", type=float, default=5.0)
+    ap.add_argument("--seed", type=int, default=0)
     for kind in FAULTS:
         ap.add_argument(f"--fault_{kind}", type=float, default=0.0)
     a = ap.parse_args()
-    server = OpenAIServer(latency_s=a.latency_s, port=a.port, record=False,
+    server = OpenAIServer(latency_s=a.latency_s, port=a.port, record=False, hang_s=a.hang_s, seed=a.seed,
                           faults={k: getattr(a, f"fault_{k}") for k in FAULTS if getattr(a, f"fault_{k}")})
     server.start()
     print(server.base_url, flush=True)

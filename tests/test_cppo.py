@@ -109,7 +109,7 @@ def test_trainer_loss_matches_hand_computed_value(tiny_model_dir, tmp_path):
               "completion_ids": completion_ids, "completion_mask": completion_mask, "advantages": advantages,
               "cppo_beta": beta, "anchor_per_token_logps": anchor_lp, "num_items_in_batch": completion_mask.sum()}
     trainer.current_gradient_accumulation_steps = 1  # set by the training loop; outside it, set by hand
-    loss = trainer._compute_loss(model, inputs)
+    loss = trainer.compute_loss(model, inputs)
     # On-policy (ratio 1): the clipped surrogate of each sample is its advantage; GRPO averages -A over samples.
     mask = completion_mask.float()
     kr = [((lp[i] - anchor_lp[i]) ** 2 * mask[i]).sum().item() / mask[i].sum().item() for i in range(2)]

@@ -34,3 +34,39 @@ def test_two_processes(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path, config, s
     result = json.loads((tmp_path / "out" / "stage_result.json").read_text())
     assert result["metrics"]["world_size"] == 2 and result["metrics"]["global_step"] == 2
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+
+_EVAL_SCRIPT = """
+import json, sys
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from pipeline.evaluate import evaluate
+
+state = PartialState(cpu=True)
+tok, model = AutoTokenizer.from_pretrained(sys.argv[1]), AutoModelForCausalLM.from_pretrained(sys.argv[1])
+calls = []
+generate = model.generate
+model.generate = lambda **kw: calls.append(kw["input_ids"].shape[0]) or generate(**kw)
+split = evaluate(model, tok, ["add", "copy", "sort"], n=5, max_new_tokens=8, batch_size=3, state=state)
+n_split = len(calls)
+alone = evaluate(model, tok, ["add", "copy", "sort"], n=5, max_new_tokens=8, batch_size=3)
+print("RESULT", json.dumps({"rank": state.process_index, "world": state.num_processes, "split": split,
+                            "alone": alone, "split_calls": calls[:n_split]}), flush=True)
+"""
+
+
+def test_evaluation_is_split_between_processes(tiny_model_dir, tmp_path):
+    script = tmp_path / "eval_split.py"
+    script.write_text(_EVAL_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tiny_model_dir)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines() if "RESULT " in line]
+    assert sorted(r["rank"] for r in results) == [0, 1] and all(r["world"] == 2 for r in results)
+    # The same metrics on both ranks, equal to one process decoding all 15 examples.
+    assert results[0]["split"] == results[1]["split"] == results[0]["alone"]
+    # 15 examples: 8 per rank (one padded), in batches of 3: both ranks make the same 3 generate calls.
+    assert [r["split_calls"] for r in results] == [[3, 3, 2], [3, 3, 2]]

@@ -206,6 +206,102 @@ def test_rate_limit(tmp_path):
     cache.close()
 
 
+def test_backoff_frees_the_slot_and_a_hung_request_is_hedged(tmp_path):
+    # One slot. The first request meets a 500 and backs off for ~1 s: the other requests must go through the
+    # slot meanwhile (before this fix the slot slept with it).
+    import aiohttp
+
+    cache = RequestCache(tmp_path / "c.jsonl")
+    first_failed = []
+
+    def reply(body):
+        return "ok " + body["messages"][-1]["content"]
+
+    with OpenAIServer(reply=reply) as server:
+        teacher = OpenAITeacher(base_url=server.base_url, model="m", concurrency=1, backoff_s=1.0, max_backoff_s=1.0)
+        original = teacher._attempt
+
+        async def flaky(session, url, payload, headers, scrub):
+            if payload["messages"][0]["content"] == "0" and not first_failed:
+                first_failed.append(time.monotonic())
+                raise aiohttp.ClientConnectionError("connection reset")
+            return await original(session, url, payload, headers, scrub)
+
+        teacher._attempt = flaky
+        reqs = [Request(f"k{i}", ({"role": "user", "content": str(i)},)) for i in range(4)]
+        start = time.monotonic()
+        cache2 = RequestCache(tmp_path / "order.jsonl")
+        run_requests(teacher, reqs, cache2, "t")
+        order = [json.loads(line)["key"] for line in (tmp_path / "order.jsonl").read_text().splitlines()]
+        assert order[-1] == "k0" and sorted(order) == ["k0", "k1", "k2", "k3"], order
+        assert time.monotonic() - start < 2.5
+        assert teacher.stats["retries"] == 1
+        cache2.close()
+
+    # A server that hangs 20% of requests for 3 s (far past its 10 ms latency): the stalled ones get a second
+    # copy after the threshold, so 60 requests take well under one hang.
+    with OpenAIServer(reply=reply, latency_s=0.01, faults={"timeout": 0.2}, hang_s=3.0, seed=3) as server:
+        teacher = OpenAITeacher(base_url=server.base_url, model="m", concurrency=8, timeout_s=10, hedge_after_s=0.2)
+        reqs = [Request(f"h{i}", ({"role": "user", "content": str(i)},)) for i in range(60)]
+        start = time.monotonic()
+        replies = run_requests(teacher, reqs, cache, "t")
+        elapsed = time.monotonic() - start
+    assert replies["h7"] == "ok 7" and server.stats["timeout"] > 0
+    assert teacher.stats["hedged"] > 0
+    assert elapsed < 2.0, elapsed
+    cache.close()
+
+
+def test_truncated_replies_are_marked_counted_and_kept_out(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GEN_TEST_KEY", SECRET)
+    with OpenAIServer(reply=_oracle_answer, faults={"length": 0.3}, api_key=SECRET, seed=2) as server:
+        metrics = _run(tmp_path, tasks=["add"], n_per_task=30, n_samples=2, teachers=[_openai(server)])
+    n_cut = server.stats["length"]
+    assert n_cut > 0 and metrics["completions_truncated"] == n_cut
+    cache = _jsonl(tmp_path / "out" / "cache.jsonl")
+    cut = {c["key"] for c in cache if c.get("truncated")}
+    assert len(cut) == n_cut
+    texts = [r["messages"][-1]["content"] for r in _jsonl(tmp_path / "out" / "sft.jsonl")]
+    texts += [r[side][0]["content"] for r in _jsonl(tmp_path / "out" / "dpo.jsonl") for side in ("chosen", "rejected")]
+    cut_texts = {c["reply"] for c in cache if c.get("truncated")}
+    assert texts and not cut_texts & set(texts)
+    assert "cut at the token limit" in caplog.text
+    # After a rerun (all cached) the same replies are still known as truncated.
+    again = _run(tmp_path, tasks=["add"], n_per_task=30, n_samples=2, teachers=[_openai(server)])
+    assert again["completions_truncated"] == n_cut
+
+
+def test_server_errors_carry_the_message_and_unreachable_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("GEN_TEST_KEY", SECRET)
+    cache = RequestCache(tmp_path / "c.jsonl")
+    with OpenAIServer(faults={"500": 1.0}) as server:
+        teacher = OpenAITeacher(base_url=server.base_url, model="m", max_retries=1, backoff_s=0.001)
+        with pytest.raises(TeacherError, match="HTTP 500: internal error"):
+            run_requests(teacher, [Request("k", ({"role": "user", "content": "x"},))], cache, "t")
+    cache.close()
+    with OpenAIServer() as gone:
+        url = gone.base_url  # a port nothing listens on once the server stops
+    argv = [sys.executable, "-c", _KILL_SCRIPT, "--output_dir", str(tmp_path / "o"), "--system_prompts", LIB,
+            "--tasks", "[add]", "--n_per_task", "3", "--n_samples", "1",
+            "--teachers", json.dumps([{**_openai(gone), "base_url": url, "max_retries": 1}])]
+    proc = subprocess.run(argv, env={**os.environ, "GEN_TEST_KEY": SECRET, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and url in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert SECRET not in proc.stderr + proc.stdout
+
+
+def test_identical_samples_and_unusable_judge_replies_warn(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GEN_TEST_KEY", SECRET)
+    with OpenAIServer(reply=lambda body: "Answer: 1", api_key=SECRET) as server:  # a greedy server
+        metrics = _run(tmp_path, tasks=["add"], n_per_task=10, n_samples=3, teachers=[_openai(server)],
+                       scoring="judge", judge=_openai(server, name="judge"))
+    assert metrics["queries_identical_samples"] == metrics["queries"] > 0 and metrics["dpo_pairs"] == 0
+    assert f"for {metrics['queries']} of {metrics['queries']} queries all 3 samples" in caplog.text
+    assert "have no usable 'Rating" in caplog.text
+
+
 _KILL_SCRIPT = """
 import sys
 from pipeline.config import cli

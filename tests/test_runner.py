@@ -31,7 +31,7 @@ def pipeline_yaml(tmp_path, sft_jsonl, dpo_jsonl):
         "name": "test", "output_dir": str(tmp_path / "out"), "env": {"OMP_NUM_THREADS": 1},
         "stages": [{"name": "base", "module": "pipeline.tiny", "config": model},
                    {"name": "sft", "module": "pipeline.sft", "config": sft,
-                    "args": {"model_name_or_path": str(tmp_path / "out/base")}},
+                    "args": {"model_name_or_path": str(tmp_path / "out/base"), "report_to": "tensorboard"}},
                    {"name": "dpo", "module": "pipeline.dpo", "config": dpo,
                     "args": {"model_name_or_path": str(tmp_path / "out/sft")}}]})
 
@@ -43,6 +43,11 @@ def test_runs_skips_and_catches_changes(pipeline_yaml, tmp_path, monkeypatch):
     report = (tmp_path / "out" / "report.md").read_text()
     for stage in ("base", "sft", "dpo"):
         assert f"| {stage} | done |" in report
+        assert f"[console](logs/{stage}.log)" in report
+    # The stage that logged to TensorBoard is linked to its event files; the others have none.
+    events = list((tmp_path / "out/sft/runs").rglob("events.out.tfevents.*"))
+    assert events and "[TensorBoard](sft/runs)" in report
+    assert report.count("[TensorBoard]") == 1
     dpo_result = json.loads((tmp_path / "out/dpo/stage_result.json").read_text())
     assert dpo_result["metrics"]["global_step"] == 2
 

@@ -10,6 +10,7 @@ prompt wrapped in <prompt></prompt> tags.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from pathlib import Path
@@ -66,6 +67,8 @@ Instruction: {prompt}
 
 _TAG_RE = re.compile(r"<prompt>(.*?)</prompt>", re.S | re.I)
 
+logger = logging.getLogger(__name__)
+
 
 def fill(template: str, **fields: str) -> str:
     """The template with its {placeholders} filled; a prompt's own braces are left alone."""
@@ -112,7 +115,11 @@ class LLMOperator:
                                 messages, j, self.seed * 1000 + generation))
         replies = run_requests(self.teacher, reqs, self.cache, desc=f"operator[{what} gen {generation}]")
         children = [parse_reply(replies[r.key], self.max_chars) for r in reqs]
-        self.malformed += sum(c is None for c in children)
+        bad = sum(c is None for c in children)
+        self.malformed += bad
+        if bad * 2 > len(children):
+            logger.warning("operator %s, generation %d: %d of %d replies are unusable (no <prompt>...</prompt>); "
+                           "their parents are kept", what, generation, bad, len(children))
         return children
 
     def ga(self, pairs: list[tuple[str, str]], generation: int) -> list[str | None]:

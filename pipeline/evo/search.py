@@ -71,10 +71,9 @@ class LocalTaskModel:
     """A local transformers model, loaded once, answering like a teacher (greedy, batched)."""
 
     def __init__(self, path: str, batch_size: int = 64, max_new_tokens: int = 64):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from pipeline.evaluate import load_for_generation
 
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForCausalLM.from_pretrained(path)
+        self.model, self.tokenizer = load_for_generation(path)
         self.identity = f"local:{path}:greedy:{max_new_tokens}"
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
 
@@ -87,7 +86,7 @@ class LocalTaskModel:
             chunk = requests[start:start + step]
             for r, text in zip(chunk, generate_replies(self.model, self.tokenizer, [list(r.messages) for r in chunk],
                                                        self.batch_size, self.max_new_tokens)):
-                done(r, text)
+                done(r, text, False)
             await asyncio.sleep(0)
 
 

@@ -5,7 +5,9 @@ reply arrives (in any order). Three kinds:
   - `OracleTeacher`: the task world answers in the style its system prompt asks for, and (for preference
     pairs) makes plausible mistakes at a set rate.
   - `OpenAITeacher`: any OpenAI-compatible /chat/completions endpoint; async with a concurrency limit, an
-    optional rate limit, retries with exponential backoff on 429/5xx/timeouts/malformed replies.
+    optional rate limit, retries with exponential backoff on 429/5xx/timeouts/malformed replies. A slot is
+    held only while an attempt is in flight (never while backing off), retries get the next free slot
+    first, and a stalled request is hedged with a second copy. A reply cut at max_tokens is marked.
   - `TransformersTeacher`: a local model, batched `generate`.
 The API key is read from the environment variable the recipe names, sent only as a header, and scrubbed
 from every error message; request keys hash the teacher's identity (endpoint, model, sampling), not the key.
@@ -14,8 +16,12 @@ from every error message; request keys hash the teacher's identity (endpoint, mo
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import hashlib
+import heapq
+import itertools
 import json
 import os
 import random
@@ -24,12 +30,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from pipeline.config import RecipeError
+from pipeline.config import RecipeError, RunError
 from pipeline.tasks import ANSWER_PREFIX, Example, get_task
 
 
-class TeacherError(RuntimeError):
-    """A request that still failed after all retries (finished requests stay cached; rerun to resume)."""
+class TeacherError(RunError):
+    """A request that still failed after all retries (finished requests stay cached; rerun to resume).
+    `cli()` prints it as one `error:` line and exits 1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +54,8 @@ def request_key(teacher_id: str, messages, sample: int, seed: int) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-Done = Callable[[Request, str], None]
+# done(request, text, truncated): truncated = the reply was cut at the token limit (not a complete sample)
+Done = Callable[[Request, str, bool], None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,12 +103,47 @@ class OracleTeacher:
 
     async def complete(self, requests: list[Request], done: Done) -> None:
         for r in requests:
-            done(r, self.reply(r))
+            done(r, self.reply(r), False)
 
 
 # ---------------------------------------------------------------------------------------------
 # OpenAI-compatible endpoint
 # ---------------------------------------------------------------------------------------------
+
+
+class _Slots:
+    """A concurrency limit that serves retries before first attempts (then in arrival order). With a plain
+    FIFO semaphore a retried request queues behind every request not yet started, so the retries pile up at
+    the end of the run and its tail grows by a whole queue per failure."""
+
+    def __init__(self, n: int):
+        self.free, self._waiters, self._seq = n, [], itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, attempt: int):
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+        else:
+            fut = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (-attempt, next(self._seq), fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():  # handed the slot just as it was cancelled: pass it on
+                    self._release()
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            fut = heapq.heappop(self._waiters)[2]
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
 
 
 class _Retryable(Exception):
@@ -120,6 +163,10 @@ class OpenAITeacher:
     requests_per_second: float | None = dataclasses.field(default=None, metadata={"help": "Optional rate limit."})
     max_retries: int = 6
     timeout_s: float = 120.0
+    hedge_after_s: float | None = dataclasses.field(
+        default=None, metadata={"help": "Send a second copy of a request that has not answered after this many "
+                                "seconds (first answer wins). Default: 2x the 95th percentile latency seen so far "
+                                "(after 20 replies); <= 0: never."})
     backoff_s: float = dataclasses.field(default=0.5, metadata={"help": "First retry delay; doubles per attempt."})
     max_backoff_s: float = 30.0
     temperature: float = 0.7
@@ -131,6 +178,8 @@ class OpenAITeacher:
         if self.requests_per_second is not None and self.requests_per_second <= 0:
             raise ValueError("key 'requests_per_second' must be > 0")
         self._next_slot = 0.0
+        self._latencies: list[float] = []  # of successful attempts: the hedging threshold
+        self.stats: collections.Counter = collections.Counter()  # retries, hedged
 
     @property
     def identity(self) -> str:
@@ -153,42 +202,104 @@ class OpenAITeacher:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    async def _post(self, session, request: Request, headers: dict, scrub: Callable[[str], str]) -> str:
+    async def _attempt(self, session, url: str, payload: dict, headers: dict,
+                       scrub: Callable[[str], str]) -> tuple[str, bool]:
+        """One HTTP exchange: (text, truncated), or _Retryable / TeacherError / a timeout / a client error."""
+        import aiohttp
+
+        start = time.monotonic()
+        async with session.post(url, json=payload, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
+            body = await resp.text()
+            if resp.status == 429 or resp.status >= 500:
+                ra = resp.headers.get("Retry-After")
+                wait = float(ra) if ra and ra.replace(".", "").isdigit() else None
+                raise _Retryable(scrub(f"HTTP {resp.status}: {_server_message(body)}"), wait)
+            if resp.status >= 400:  # a bad request will not get better by retrying
+                raise TeacherError(scrub(f"teacher '{self.name}': HTTP {resp.status}: {_server_message(body)}"))
+            choice = json.loads(body)["choices"][0]
+            content = choice["message"]["content"]
+            if not isinstance(content, str):
+                raise _Retryable("reply has no text content")
+            self._latencies.append(time.monotonic() - start)
+            if len(self._latencies) > 512:
+                del self._latencies[:-256]
+            # Cut at max_tokens: not a complete sample. Asking again with the same seed would cut it again, so
+            # it is kept (cached, marked) and left out of the SFT/DPO rows.
+            return content, choice.get("finish_reason") == "length"
+
+    def _hedge_after(self) -> float | None:
+        if self.hedge_after_s is not None:
+            return self.hedge_after_s if self.hedge_after_s > 0 else None
+        recent = sorted(self._latencies[-256:])
+        if len(recent) < 20:
+            return None
+        return 2.0 * recent[int(0.95 * (len(recent) - 1))]
+
+    async def _hedged(self, attempt: Callable) -> tuple[str, bool]:
+        """`attempt()`, plus a copy whenever no copy has answered for `_hedge_after()` seconds: the first answer
+        wins, the rest are cancelled. The original runs on to its timeout; a stalled copy gives way to the next
+        (at most 2 in flight per slot, `max_retries` copies). A hung request so costs its slot a few latencies,
+        not the whole timeout (Dean & Barroso, "The Tail at Scale")."""
+        original = asyncio.ensure_future(attempt())
+        pending, hedges, started = {original}, 0, time.monotonic()
+        try:
+            while True:
+                stall = self._hedge_after() if hedges < self.max_retries else None
+                if stall is not None:
+                    timeout = max(0.0, started + stall - time.monotonic())
+                else:  # no threshold yet (too few replies): look again in a second
+                    timeout = 1.0 if hedges < self.max_retries and self.hedge_after_s is None else None
+                done, pending = await asyncio.wait(pending, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if not done:
+                    if stall is not None:  # stalled: the newest copy gives way to a fresh one
+                        hedges += 1
+                        self.stats["hedged"] += 1
+                        for t in pending - {original}:
+                            t.cancel()
+                        pending = {t for t in pending if t is original} | {asyncio.ensure_future(attempt())}
+                        started = time.monotonic()
+                    continue
+                finished = next(iter(done))
+                if finished.exception() is None or not pending:
+                    return finished.result()
+        finally:
+            for t in pending:
+                t.cancel()
+
+    async def _post(self, session, slots: _Slots, request: Request, headers: dict,
+                    scrub: Callable[[str], str]) -> tuple[str, bool]:
         import aiohttp
 
         payload = {"model": self.model, "messages": list(request.messages), "temperature": self.temperature,
                    "max_tokens": self.max_tokens, "seed": request.seed * 1000 + request.sample, "n": 1}
         url = self.base_url.rstrip("/") + "/chat/completions"
         rng = random.Random(request.key)
-        last = "no attempt"
+        last, malformed = "no attempt", 0
         for attempt in range(self.max_retries + 1):
-            await self._throttle()
             retry_after = None
             try:
-                async with session.post(url, json=payload, headers=headers,
-                                        timeout=aiohttp.ClientTimeout(total=self.timeout_s)) as resp:
-                    body = await resp.text()
-                    if resp.status == 429 or resp.status >= 500:
-                        ra = resp.headers.get("Retry-After")
-                        wait = float(ra) if ra and ra.replace(".", "").isdigit() else None
-                        raise _Retryable(f"HTTP {resp.status}", wait)
-                    if resp.status >= 400:  # a bad request will not get better by retrying
-                        raise TeacherError(scrub(f"teacher '{self.name}': HTTP {resp.status}: {body[:200]}"))
-                    content = json.loads(body)["choices"][0]["message"]["content"]
-                    if not isinstance(content, str):
-                        raise _Retryable("reply has no text content")
-                    return content
+                async with slots.slot(attempt):  # held only while an attempt is in flight, never while backing off
+                    await self._throttle()
+                    return await self._hedged(lambda: self._attempt(session, url, payload, headers, scrub))
             except _Retryable as e:
                 last, retry_after = str(e), e.retry_after
             except asyncio.TimeoutError:
                 last = f"timeout after {self.timeout_s}s"
-            except (aiohttp.ClientError, json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                # A torn or malformed body is a transport glitch, not a sign of load: the first one is asked
+                # again at once.
+                last, retry_after = f"malformed reply ({type(e).__name__}: {e})", 0.0 if not malformed else None
+                malformed += 1
+            except aiohttp.ClientError as e:
                 last = f"{type(e).__name__}: {e}"
+            self.stats["retries"] += 1
             if attempt < self.max_retries:
+                # The server's Retry-After when it sends one; else exponential backoff with jitter.
                 delay = min(self.max_backoff_s, self.backoff_s * 2 ** attempt) * (0.5 + 0.5 * rng.random())
-                await asyncio.sleep(max(delay, retry_after or 0.0))
-        raise TeacherError(scrub(f"teacher '{self.name}': request {request.key[:12]} failed after "
-                                 f"{self.max_retries + 1} attempts (last: {last}); "
+                await asyncio.sleep(retry_after if retry_after is not None else delay)
+        raise TeacherError(scrub(f"teacher '{self.name}': {self.base_url}: request {request.key[:12]} failed "
+                                 f"after {self.max_retries + 1} attempts (last: {last}); "
                                  "finished replies are cached, rerun to resume"))
 
     async def complete(self, requests: list[Request], done: Done) -> None:
@@ -200,14 +311,14 @@ class OpenAITeacher:
         def scrub(text: str) -> str:
             return text.replace(key, "***") if key else text
 
-        sem = asyncio.Semaphore(self.concurrency)
-        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        slots = _Slots(self.concurrency)
+        # Room for one hedged copy per slot: the stalled original keeps its connection until it is cancelled.
+        connector = aiohttp.TCPConnector(limit=2 * self.concurrency)
         async with aiohttp.ClientSession(connector=connector) as session:
 
             async def one(r: Request) -> None:
-                async with sem:
-                    text = await self._post(session, r, headers, scrub)
-                done(r, text)
+                text, truncated = await self._post(session, slots, r, headers, scrub)
+                done(r, text, truncated)
 
             tasks = [asyncio.ensure_future(one(r)) for r in requests]
             try:
@@ -217,6 +328,18 @@ class OpenAITeacher:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
                 raise
+
+
+def _server_message(body: str) -> str:
+    """The error text an OpenAI-compatible server sends ({"error": {"message": ...}}), else the body's start."""
+    try:
+        err = json.loads(body).get("error")
+        message = err.get("message") if isinstance(err, dict) else err
+        if isinstance(message, str) and message:
+            return message[:300]
+    except (json.JSONDecodeError, AttributeError):
+        pass
+    return body[:200].strip() or "(empty body)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,12 +362,10 @@ class TransformersTeacher:
 
     async def complete(self, requests: list[Request], done: Done) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.evaluate import generate_replies
+        from pipeline.evaluate import generate_replies, load_for_generation
 
-        tokenizer = AutoTokenizer.from_pretrained(self.model_name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path)
+        model, tokenizer = load_for_generation(self.model_name_or_path)
         sampling = dict(do_sample=True, temperature=self.temperature, top_p=self.top_p) if self.temperature > 0 else {}
         for start in range(0, len(requests), self.batch_size):
             batch = requests[start:start + self.batch_size]
@@ -253,7 +374,7 @@ class TransformersTeacher:
             replies = generate_replies(model, tokenizer, [list(r.messages) for r in batch], len(batch),
                                        self.max_new_tokens, **sampling)
             for r, text in zip(batch, replies):
-                done(r, text)
+                done(r, text, False)
             await asyncio.sleep(0)
 
 
@@ -312,7 +433,8 @@ def parse_rating(text: str) -> float | None:
 
 
 class RequestCache:
-    """Finished requests as jsonl lines {"key", "reply"}: appended and flushed as each reply arrives, fsynced
+    """Finished requests as jsonl lines {"key", "reply"} (plus "truncated": true for a reply cut at the token
+    limit, kept in `truncated`): appended and flushed as each reply arrives, fsynced
     at least once a second and on close. A run killed mid-write leaves at most one torn last line, which is cut
     off on the next open; the request is then simply asked again."""
 
@@ -320,6 +442,7 @@ class RequestCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.replies: dict[str, str] = {}
+        self.truncated: set[str] = set()
         good = 0
         if self.path.is_file():
             data = self.path.read_bytes()
@@ -330,6 +453,8 @@ class RequestCache:
                 try:
                     row = json.loads(line)
                     self.replies[row["key"]] = row["reply"]
+                    if row.get("truncated"):
+                        self.truncated.add(row["key"])
                 except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
                     if n < len(lines) - 1:  # only the last line can be torn: anything else is damage
                         raise RecipeError(f"{self.path}: line {n} is not a cache record; "
@@ -345,11 +470,15 @@ class RequestCache:
     def get(self, key: str) -> str | None:
         return self.replies.get(key)
 
-    def put(self, key: str, reply: str) -> None:
+    def put(self, key: str, reply: str, truncated: bool = False) -> None:
         if key in self.replies:
             return
         self.replies[key] = reply
-        self._fh.write(json.dumps({"key": key, "reply": reply}, ensure_ascii=False) + "\n")
+        record = {"key": key, "reply": reply}
+        if truncated:
+            self.truncated.add(key)
+            record["truncated"] = True
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()  # in the OS after this: a kill -9 cannot lose it
         if time.monotonic() - self._synced > 1.0:  # on disk after this: a power loss cannot either
             os.fsync(self._fh.fileno())
@@ -371,8 +500,8 @@ def run_requests(teacher, requests: list[Request], cache: RequestCache, desc: st
     bar = tqdm(total=len(unique), initial=len(unique) - len(pending), desc=desc, unit="req", dynamic_ncols=True,
                mininterval=1.0)
 
-    def done(r: Request, text: str) -> None:
-        cache.put(r.key, text)
+    def done(r: Request, text: str, truncated: bool = False) -> None:
+        cache.put(r.key, text, truncated)
         bar.update()
 
     try:

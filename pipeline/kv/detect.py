@@ -12,7 +12,6 @@ a forward hook on `q_proj`; no model code is touched.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import random
 import time
@@ -21,18 +20,8 @@ from pathlib import Path
 import torch
 from transformers import DynamicCache
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, model_fingerprint
 from pipeline.tasks.needle import prompt_of
-
-
-def model_fingerprint(model) -> str:
-    """sha256 over parameter names, shapes and a strided sample of values: tells two models apart."""
-    h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().float().flatten()
-        h.update(f"{name}:{tuple(p.shape)}".encode())
-        h.update(flat[:: max(1, flat.numel() // 64)].numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 @torch.no_grad()
@@ -44,8 +33,8 @@ def head_hits(model, input_ids: list[int], needle: tuple[int, int], max_new_toke
     """
     cfg = model.config
     lo, hi = needle
-    hits = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads)
-    ids = torch.tensor([input_ids])
+    hits = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads)  # on CPU, whatever the model's device
+    ids = torch.tensor([input_ids], device=model.device)
     needle_ids = ids[0, lo:hi]
     cache = DynamicCache(config=cfg)
     out = model(input_ids=ids, past_key_values=cache, output_attentions=True, use_cache=True)
@@ -58,10 +47,10 @@ def head_hits(model, input_ids: list[int], needle: tuple[int, int], max_new_toke
                 top = att[0, :, -1].argmax(-1)  # [H]
                 in_span = (top >= lo) & (top < hi)
                 same = ids[0, top.clamp(max=ids.shape[1] - 1)] == tok
-                hits[layer] += (in_span & same).float() / (hi - lo)
+                hits[layer] += (in_span & same).float().cpu() / (hi - lo)
         if eos_id is not None and tok == eos_id:
             break
-        ids = torch.cat([ids, torch.tensor([[tok]])], dim=1)
+        ids = torch.cat([ids, torch.tensor([[tok]], device=ids.device)], dim=1)
         out = model(input_ids=ids[:, -1:], past_key_values=cache, output_attentions=True, use_cache=True)
     return generated, hits
 

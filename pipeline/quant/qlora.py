@@ -111,7 +111,8 @@ def _quantized_copy(linear: torch.nn.Linear, cfg):
 
 def disable_cpu_packing(model) -> None:
     """bitsandbytes' CPU kernel for AVX512-BF16 repacks 4-bit weights on the first no-grad forward and has no
-    autograd: training after any eval would get silently wrong gradients. Use the unpacked path everywhere."""
+    autograd: training after any eval would get silently wrong gradients (bitsandbytes #2078). Use the
+    unpacked path everywhere (every 4-bit load of the pipeline calls this)."""
     import bitsandbytes as bnb
 
     for mod in model.modules():

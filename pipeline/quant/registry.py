@@ -9,7 +9,6 @@ scalar. `value` is the full-precision weight; JSON floats round-trip float32/bfl
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import RecipeError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, model_fingerprint
 
 FORMAT = "pipeline.quant.super_weights/v1"
 DOWN_PROJ_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.down_proj$")
@@ -67,15 +66,9 @@ def published_match(model_or_config) -> str | None:
 
 
 def fingerprint(model) -> str:
-    """Config shape plus a slice of the input embedding (never quantized by bitsandbytes, untouched by LoRA
-    on linear layers), rounded to bfloat16 so fp32 and bf16 loads of one checkpoint agree."""
-    import torch
-
-    emb = model.get_input_embeddings().weight.detach()
-    sample = emb[:16, :64].to("cpu", torch.bfloat16).to(torch.float32).contiguous()
-    h = hashlib.sha256(json.dumps(config_shape(model)).encode())
-    h.update(sample.numpy().tobytes())
-    return h.hexdigest()[:16]
+    """The model's embedding fingerprint (`pipeline.io.model_fingerprint`): the same for its fp32, bf16 and
+    bitsandbytes loads, with or without LoRA on linear layers."""
+    return model_fingerprint(model, embeddings_only=True)
 
 
 def check_coordinates(super_weights: list[SuperWeight], model_or_config, where: str) -> None:

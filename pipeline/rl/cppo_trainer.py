@@ -11,7 +11,15 @@ gradient). alpha scales the GRPO advantages; the KR term is added to GRPO's loss
 alpha and beta come from the *current* rollout batch: each sample is high/low/normal in reward and in
 length-normalised generation log-prob against the batch mean +- k * std (one value per sample, not per
 token), and the weights are applied as plain per-sample factors (never renormalised by their sum, which
-would cancel a uniform up- or down-weighting). These are the three bugs of the public TRL port.
+would cancel a uniform up- or down-weighting). These are the three bugs of the public TRL port. The
+reward of a sample is the one GRPO normalises into its advantage (`grpo_rewards`: both of GRPO's
+`multi_objective_aggregation` modes, NaN for a sample no reward function could score).
+
+GRPOTrainer has no public hook for the rewards it computes or for the policy's log-probs inside its loss,
+so three of its underscore methods are extended (each calls `super()` and returns its result unchanged):
+`_calculate_rewards`, `_get_per_token_logps_and_entropies` and `_generate_and_score_completions`; the loss
+goes through the public `compute_loss`. tests/test_cppo_contract.py pins their signatures and the keys and
+attributes used here, and names what changed when a TRL release breaks them.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer import add_fused_lm_head
+from trl.trainer.utils import nanstd
 
 
 @dataclasses.dataclass
@@ -47,8 +56,30 @@ class CPPOConfig(GRPOConfig):
             raise ValueError("keys 'k' and 'c_kr' must be >= 0")
 
 
+def grpo_rewards(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num_generations: int,
+                 aggregation: str) -> torch.Tensor:
+    """The per-sample reward GRPO turns into its advantage (trl 1.16 `_generate_and_score_completions`):
+    `sum_then_normalize`: the weighted nansum of the reward functions; `normalize_then_sum`: the weighted sum
+    of each function's group-normalised reward. NaN for a sample every function returned None for (GRPO
+    gives it advantage 0)."""
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    w = reward_weights.to(rewards_per_func.device).unsqueeze(0)
+    if aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * w).nansum(dim=1)
+    elif aggregation == "normalize_then_sum":
+        grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.size(1))
+        mean = torch.nanmean(grouped, dim=1, keepdim=True)
+        std = nanstd(grouped, dim=1, keepdim=True) if num_generations > 1 else torch.zeros_like(mean)
+        rewards = (((grouped - mean) / (std + 1e-4)).view(-1, rewards_per_func.size(1)) * w).nansum(dim=1)
+    else:
+        raise ValueError(f"unknown multi_objective_aggregation {aggregation!r}")
+    rewards[unscorable] = torch.nan
+    return rewards
+
+
 def cppo_weights(rewards: torch.Tensor, gen_logps: torch.Tensor, k: float, lb: float, ub: float):
     """Per-sample (alpha, beta) from a batch of rewards and length-normalised generation log-probs, both (B,).
+    A NaN reward (an unscorable sample) is neither high nor low, and is left out of the batch statistics.
 
     high/high -> (ub, ub): good and already likely: learn it and keep it;
     high/low  -> (ub, lb): good but unlikely: learn it, nothing to retain yet;
@@ -58,8 +89,9 @@ def cppo_weights(rewards: torch.Tensor, gen_logps: torch.Tensor, k: float, lb: f
     """
     def level(x: torch.Tensor) -> torch.Tensor:  # +1 high, -1 low, 0 normal, against this batch's statistics
         x = x.float()
-        mean, std = x.mean(), x.std(unbiased=False)
-        return (x > mean + k * std).long() - (x < mean - k * std).long()
+        mean = torch.nanmean(x)
+        std = torch.nanmean((x - mean) ** 2).sqrt()  # population std of the scored samples
+        return (x > mean + k * std).long() - (x < mean - k * std).long()  # NaN compares False: normal
 
     r, p = level(rewards), level(gen_logps)
     alpha = torch.ones_like(rewards, dtype=torch.float32)
@@ -132,7 +164,10 @@ class CPPOTrainer(GRPOTrainer):
                                                                     batch_size=batch_size)[0]
                 # Statistics over the whole generation batch (all processes), one value per sample.
                 gen_logps = self.accelerator.gather(masked_seq_mean(logps, mask))
-                rewards = (self._last_rewards_per_func * self.reward_weights.to(ids.device)).nansum(dim=1)
+                num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+                rewards = grpo_rewards(self._last_rewards_per_func, self.reward_weights, num_generations,
+                                       self.multi_objective_aggregation)
+                self._last_rewards = rewards
                 alpha, beta = cppo_weights(rewards, gen_logps.to(rewards.device), self.args.k, self.args.lb,
                                            self.args.ub)
                 local = slice(self.accelerator.process_index * n_local, (self.accelerator.process_index + 1) * n_local)
@@ -148,10 +183,10 @@ class CPPOTrainer(GRPOTrainer):
                     self.anchor_model, ids, attention, n_tokens, batch_size=batch_size)[0]
         return out
 
-    def _compute_loss(self, model, inputs):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         self._capture_logps = True
         try:
-            loss = super()._compute_loss(model, inputs)
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         finally:
             self._capture_logps = False
         if "anchor_per_token_logps" not in inputs:
