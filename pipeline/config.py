@@ -513,9 +513,9 @@ EXIT_TEACHER = 3
 
 
 def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> None:
-    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2, a RunError (e.g. an
-    unreachable endpoint) into one line and exit code 1, and a teacher that failed after its retries into one line
-    and exit code 3."""
+    """Run a stage's `main`, turning a RecipeError into one line on stderr and exit code 2, a teacher that failed after
+    its retries (an unreachable endpoint, a server error) into one line and exit code 3, another RunError into one line
+    and exit code 1."""
     try:
         main(argv)
     except RecipeError as e:
@@ -523,14 +523,9 @@ def cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) 
         raise SystemExit(2) from None
     except RunError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except Exception as e:
         teachers = sys.modules.get("pipeline.generation.teachers")
         teacher_error = getattr(teachers, "TeacherError", None)
-        if teacher_error is None or not isinstance(e, teacher_error):
-            raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        raise SystemExit(EXIT_TEACHER) from None
+        raise SystemExit(EXIT_TEACHER if teacher_error is not None and isinstance(e, teacher_error) else 1) from None
 
 
 def _one_line(e: BaseException) -> str:

@@ -4,8 +4,6 @@ plain TRL with every switch off. The multi-process cases (sharded optimizer stat
 are in tests/test_longctx_sp.py and tests/test_recipe_paths.py (slow)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -142,16 +140,23 @@ def test_checkpoint_offload_runs_in_the_recipes_checkpointing_mode(tiny_model_di
     assert ours["last_logged_loss"] == pytest.approx(plain["last_logged_loss"], abs=1e-5)
 
 
-def _error_lines(proc) -> list[str]:
-    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+def _cli_errors(stage: str, argv: list[str], capsys, monkeypatch) -> list[str]:
+    """Run a stage's command line in this process: exit code 2 and its `error:` lines, with no traceback."""
+    from pipeline import dpo, sft
+    from pipeline.config import cli
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_:
+        cli((sft if stage == "sft" else dpo).main, argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err, err[-2000:]
+    return [line for line in err.splitlines() if line.startswith("error:")]
 
 
-def test_checkpoint_offload_without_checkpointing_is_one_line_error():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.sft", "--config", "recipes/tiny/longctx_sft.yaml",
-                           "--dry_run", "--checkpoint_offload", "true", "--gradient_checkpointing", "false"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and _error_lines(proc) == [
+def test_checkpoint_offload_without_checkpointing_is_one_line_error(capsys, monkeypatch):
+    argv = ["--config", "recipes/tiny/longctx_sft.yaml", "--dry_run", "--checkpoint_offload", "true",
+            "--gradient_checkpointing", "false"]
+    assert _cli_errors("sft", argv, capsys, monkeypatch) == [
         "error: recipes/tiny/longctx_sft.yaml: key 'checkpoint_offload' offloads activation checkpoints: it needs "
         "'gradient_checkpointing: true' (or activation_checkpointing: true)"]
 
@@ -215,12 +220,10 @@ def test_tiled_mlp_tiles_the_no_grad_reference_pass():
 # ------------------------------------------------------------------------------------------------ 7. SP guard
 
 
-def test_sequence_parallel_needs_token_averaging_across_devices():
-    proc = subprocess.run([sys.executable, "-m", "pipeline.sft", "--config", "recipes/tiny/longctx_sft.yaml",
-                           "--dry_run", "--sequence_parallel_size", "2", "--average_tokens_across_devices", "false"],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr and _error_lines(proc) == [
+def test_sequence_parallel_needs_token_averaging_across_devices(capsys, monkeypatch):
+    argv = ["--config", "recipes/tiny/longctx_sft.yaml", "--dry_run", "--sequence_parallel_size", "2",
+            "--average_tokens_across_devices", "false"]
+    assert _cli_errors("sft", argv, capsys, monkeypatch) == [
         "error: recipes/tiny/longctx_sft.yaml: key 'sequence_parallel_size' > 1 needs "
         "'average_tokens_across_devices: true': the ranks of a sequence-parallel group must scale the shared loss "
         "by the same token count"]
@@ -255,19 +258,17 @@ def test_every_switch_off_is_plain_trl(tiny_model_dir, sft_jsonl, tmp_path, monk
     assert seen == dict(cls=SFTTrainer, mlp_patched=False, norm_patched=False, chunk=TRL_CHUNK)
 
 
-def test_switch_on_an_unsupported_architecture_fails_before_loading(tmp_path, sft_jsonl, tiny_model_dir):
+def test_switch_on_an_unsupported_architecture_fails_before_loading(tmp_path, sft_jsonl, tiny_model_dir, capsys,
+                                                                      monkeypatch):
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
     model_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(model_dir)
     (model_dir / "model.safetensors").write_bytes(b"not weights: loading them would fail loudly")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.sft", "--config", "recipes/tiny/longctx_sft.yaml",
-                           "--model_name_or_path", str(model_dir), "--tiny_model", "null",
-                           "--dataset_name", str(sft_jsonl)],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and _error_lines(proc) == [(
+    argv = ["--config", "recipes/tiny/longctx_sft.yaml", "--model_name_or_path", str(model_dir), "--tiny_model", "null",
+            "--dataset_name", str(sft_jsonl), "--output_dir", str(tmp_path / "out")]
+    assert _cli_errors("sft", argv, capsys, monkeypatch) == [(
         "error: recipes/tiny/longctx_sft.yaml: key 'tiled_mlp' supports llama, mistral, qwen2, qwen3 models "
         "(gated MLP, LlamaRMSNorm/MistralRMSNorm/Qwen2RMSNorm/Qwen3RMSNorm), not model_type 'gpt2': "
         "set tiled_mlp: false")]
