@@ -204,34 +204,15 @@ def _check_json_file(path: Path, stage: Stage) -> None:
 
 def _check_json_lines(path: Path, stage: Stage) -> None:
     """One JSON object per line, streamed: the first MAX_SCANNED_LINES lines parsed, MAX_CHECKED_ROWS rows checked."""
-    import json
+    from pipeline.io import read_jsonl
 
     rows = 0
-    try:
-        fh = path.open("rb")
-    except OSError as e:
-        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
-    with fh:
-        for n, raw in enumerate(fh, 1):
-            if n > MAX_SCANNED_LINES:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise RecipeError(f"{path}: line {n}: not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise RecipeError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
-            rows += 1
-            if rows <= MAX_CHECKED_ROWS:
-                problem = row_problem(row, stage)
-                if problem:
-                    raise RecipeError(f"{path}: line {n}: {problem}")
+    for n, row in read_jsonl(path, max_lines=MAX_SCANNED_LINES):
+        rows += 1
+        if rows <= MAX_CHECKED_ROWS:
+            problem = row_problem(row, stage)
+            if problem:
+                raise RecipeError(f"{path}: line {n}: {problem}")
     if rows == 0:
         raise RecipeError(f"{path}: the file is empty (no rows)")
 

@@ -87,16 +87,23 @@ def read_stage_result(output_dir: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[int, dict]]:
-    """(line number, row) for each non-empty line of a JSONL file. A missing file, or a line that is not a
-    JSON object, raises a RecipeError naming the file and the line."""
+def read_jsonl(path: str | os.PathLike, what: str = "file", max_lines: int | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, row) for each non-empty line of a JSONL file (the first `max_lines` lines if given), streamed.
+    A missing or unreadable file, bytes that are not UTF-8, or a line that is not a JSON object raise a RecipeError
+    naming the file and the 1-based line."""
     from pipeline.config import RecipeError
 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"{what}: {path} not found")
-    with path.open("rb") as fh:
+    try:
+        fh = path.open("rb")
+    except OSError as e:
+        raise RecipeError(f"{path}: cannot read ({e.strerror})") from None
+    with fh:
         for n, raw in enumerate(fh, 1):
+            if max_lines is not None and n > max_lines:
+                break
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -108,5 +115,5 @@ def read_jsonl(path: str | os.PathLike, what: str = "file") -> Iterator[tuple[in
             except json.JSONDecodeError as e:
                 raise RecipeError(f"{path}: line {n}: invalid JSON ({e.msg}, column {e.colno})") from None
             if not isinstance(row, dict):
-                raise RecipeError(f"{path}: line {n}: expected a JSON object")
+                raise RecipeError(f"{path}: line {n}: expected a JSON object, got {type(row).__name__}")
             yield n, row
