@@ -122,7 +122,15 @@ def _zero3_tiled(mlp, original, x, tiles: int):
             return original(tile)
 
     params = [p for p in mlp.parameters() if p.requires_grad]
-    return TiledMLP.apply(fn, mlp, x, tiles, params)
+    # DeepSpeed splits with torch.chunk, which gives fewer than `tiles` pieces unless the length is a multiple of it
+    # (9 tokens in 4 tiles: 3 pieces); every rank must run exactly `tiles`, so pad with zero rows, sliced off after
+    # (their gradient is zero).
+    length = x.shape[-2]
+    pad = -length % tiles
+    if pad:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
+    out = TiledMLP.apply(fn, mlp, x, tiles, params)
+    return out[..., :length, :] if pad else out
 
 
 def decoder_layers(model) -> list:
@@ -161,7 +169,8 @@ def patch_tiled_mlp(model, tile_tokens: int) -> int:
             if tiles <= 1:
                 return original(x)
             if not torch.is_grad_enabled():  # a reference pass, evaluation, a reentrant checkpoint's first pass
-                return torch.cat([original(tile) for tile in x.chunk(tiles, dim=-2)], dim=-2)
+                # exactly `tiles` calls (some empty if this rank's sequence is shorter): ZeRO-3 ranks stay in step
+                return torch.cat([original(tile) for tile in x.tensor_split(tiles, dim=-2)], dim=-2)
             if zero3:
                 return _zero3_tiled(self, original, x, tiles)
             params = [p for p in self.parameters() if p.requires_grad]
