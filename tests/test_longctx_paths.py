@@ -272,3 +272,33 @@ def test_switch_on_an_unsupported_architecture_fails_before_loading(tmp_path, sf
         "error: recipes/tiny/longctx_sft.yaml: key 'tiled_mlp' supports llama, mistral, qwen2, qwen3 models "
         "(gated MLP, LlamaRMSNorm/MistralRMSNorm/Qwen2RMSNorm/Qwen3RMSNorm), not model_type 'gpt2': "
         "set tiled_mlp: false")]
+
+
+def test_zero3_tiles_go_through_deepspeeds_tiled_mlp_with_exact_tile_counts(monkeypatch):
+    """Under ZeRO-3 (parameters carry DeepSpeed's `ds_id`) the tiles run through DeepSpeed's TiledMLP, which splits
+    with torch.chunk. A 9-token sequence on a rank whose peers agreed on 4 tiles (torch.chunk alone gives 3 pieces)
+    must still make exactly 4 MLP calls each way (a rank that makes fewer all-gathers deadlocks the others), and
+    give plain autograd's output and gradients. One process: DeepSpeed's function needs no engine for this."""
+    pytest.importorskip("deepspeed")
+    from pipeline.longctx import tiled_mlp
+
+    monkeypatch.setattr(tiled_mlp, "_agreed_tiles", lambda mlp, x, tile_tokens: (4, True))  # a longer peer's count
+    plain, tiled = tiny_lm("llama"), tiny_lm("llama")
+    patch_tiled_mlp(tiled, tile_tokens=4)
+    for p in tiled.model.layers[0].mlp.parameters():
+        p.ds_id = 0  # what ZeRO-3's partitioning marks its parameters with
+    calls = []
+    tiled.model.layers[0].mlp.gate_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-2]))
+    x = torch.randn(1, 9, 64)
+    grad = torch.randn(1, 9, 64)
+    results = []
+    for model in (plain, tiled):
+        xi = x.clone().requires_grad_(True)
+        out = model.model.layers[0].mlp(xi)
+        out.backward(grad)
+        results.append((out.detach(), xi.grad, [p.grad for p in model.model.layers[0].mlp.parameters()]))
+    assert calls == [3] * 8  # 9 tokens padded to 12: 4 tiles in forward, 4 in backward
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], atol=1e-6, rtol=1e-5)
+    for got, want in zip(results[1][2], results[0][2]):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
