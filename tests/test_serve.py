@@ -167,7 +167,7 @@ def test_server_killed_mid_run_then_resume(served, tmp_path):
     server.kill()
     stdout, stderr = proc.communicate(timeout=240)
     partial = _lines(out / "cache.jsonl")
-    assert proc.returncode == 1 and 10 <= partial < 80, (proc.returncode, partial, stderr[-2000:])
+    assert proc.returncode == 3 and 10 <= partial < 80, (proc.returncode, partial, stderr[-2000:])
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and server.base_url in errors[0] and "Traceback" not in stderr, stderr[-2000:]
     assert not (out / "sft.jsonl").exists()
