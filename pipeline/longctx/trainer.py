@@ -3,16 +3,14 @@
 Every switch is off by default, and with every switch off `long_context_trainer` returns TRL's own trainer class
 unchanged: a stage is then plain TRL. Each switch is one opt-in piece:
 
-| switch                    | what it does                                                           | where            |
-|---------------------------|------------------------------------------------------------------------|------------------|
-| `tiled_mlp`               | the decoder MLPs run over the sequence in tiles, recomputed in backward | tiled_mlp.py     |
-| `lean_rmsnorm`            | RMSNorm saves its input and one float per token, not float32 copies    | rmsnorm.py       |
-| `loss_vocab_chunk`        | TRL's fused LM head tiles the vocabulary in chunks of this many columns | `_vocab_chunk`   |
-| `checkpoint_offload`      | activation checkpoints (and the LM head's saved states) in host memory  | offload.py       |
-| `padding_free` (DPO)      | chosen and rejected rows packed into one row, exact per-sequence scores | fused_forward.py |
-| `sequence_parallel_size`  | every sequence sharded over this many processes (Ulysses)               | ulysses.py       |
-| `shard_optimizer_state`   | ZeRO-1 over DDP processes (torch's ZeroRedundancyOptimizer)             | here             |
-| `gradient_as_bucket_view` | DDP's gradients are views of its all-reduce buckets                     | here             |
+- `tiled_mlp`: the decoder MLPs run over the sequence in tiles, recomputed in backward (tiled_mlp.py)
+- `lean_rmsnorm`: RMSNorm saves its input and one float per token, not float32 copies (rmsnorm.py)
+- `loss_vocab_chunk`: TRL's fused LM head tiles the vocabulary in chunks of this many columns (`_vocab_chunk`)
+- `checkpoint_offload`: activation checkpoints and the LM head's saved states in host memory (offload.py)
+- `padding_free` (DPO): chosen and rejected packed into one row, exact per-sequence scores (fused_forward.py)
+- `sequence_parallel_size`: every sequence sharded over this many processes, Ulysses (ulysses.py)
+- `shard_optimizer_state`: ZeRO-1 over DDP processes, torch's ZeroRedundancyOptimizer (here)
+- `gradient_as_bucket_view`: DDP's gradients are views of its all-reduce buckets (here)
 """
 
 from __future__ import annotations
