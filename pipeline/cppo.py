@@ -219,6 +219,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     f"c_KR={training_args.c_kr}, weighting={training_args.weighting}")
         write_stage_result(out, "cppo", metrics, {"model": progress["done"][-1]["model"],
                                                   "forgetting": str(out / "forgetting.json")})
+    PartialState().wait_for_everyone()  # every rank done before any tears its process group down
     PartialState().destroy_process_group()  # what trainer.end() does, once after the last task
     return metrics
 

@@ -380,5 +380,9 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None, 
             trainer.processing_class.save_pretrained(args.output_dir)
         write_stage_result(args.output_dir, stage, metrics, {"model": str(Path(args.output_dir))})
     if end:
+        # Every rank reaches the end before any destroys its process group: a rank that tears gloo down while
+        # rank 0 is still writing the stage result died at exit now and then ("terminate called without an active
+        # exception", SIGABRT), and the launcher then killed rank 0.
+        trainer.accelerator.wait_for_everyone()
         trainer.end()
     return metrics
