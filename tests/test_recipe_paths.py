@@ -224,3 +224,18 @@ def test_zero3_recipe_with_tiles_equals_plain(recipe, harness, tmp_path):
     assert "tiled MLP (64-token tiles), lean RMSNorm (64-token tiles)" in proc.stdout
     _launch(recipe, H.tiny_args(recipe, model, data, plain, processes=2, lr="1e-3"))
     _assert_same_steps(ours, plain)
+
+
+@pytest.mark.slow
+def test_sequence_parallel_reference_precompute_equals_plain(harness, tmp_path):
+    """DPO's precomputed reference pass under SP (the group scores every rank's batch, sharded; full fine-tuning so
+    that the reference is the policy itself): the long-context DPO recipe with precompute_ref_log_probs on logs plain
+    DDP's per-step losses and gradient norms."""
+    models, data = harness
+    recipe = H.ROOT / "recipes/llama-3.1-8b/longctx_dpo.yaml"
+    precompute = ["--precompute_ref_log_probs", "true", "--use_peft", "false"]
+    ours, plain = tmp_path / "ours", tmp_path / "plain"
+    _launch(recipe, H.tiny_args(recipe, models["llama-3.1-8b"], data, ours, processes=2, lr="1e-4") + precompute)
+    _launch(recipe, H.tiny_args(recipe, models["llama-3.1-8b"], data, plain, processes=2, lr="1e-4") + precompute
+            + H.switches_off(recipe))
+    _assert_same_steps(ours, plain)
