@@ -33,7 +33,6 @@ def setup_logging(training_args) -> None:
 def parse_stage(stage: str, config_cls, argv: list[str] | None):
     """Parse a trainer stage's recipe (data, TRL config, model, long-context switches), check it and print its
     plan. Returns (data_args, training_args, model_args, lc_args, source), or None after a --dry_run."""
-    from pipeline.config import RecipeError
     from pipeline.longctx import LongContextArguments, check_switches
 
     (data_args, training_args, model_args, lc_args), values, source = parse(
@@ -341,13 +340,10 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None, 
     destroyed), as TRL's scripts do; a stage that trains again or evaluates across processes afterwards passes False
     and ends later."""
     args = trainer.args
-    done = read_stage_result(args.output_dir)
-    if done is not None:  # resuming a finished run would train one step past max_steps
-        logger.warning("%s is already complete (%s exists): delete it or choose another output_dir to retrain",
-                       args.output_dir, STAGE_RESULT)
+    if (done := finished(args)) is not None:  # CPPO's tasks reach here; SFT and DPO checked before loading
         if end:
             trainer.end()
-        return done["metrics"]
+        return done
     resume = resume_point(args, clean=True)
     if resume:
         logger.info("resuming from %s", resume)
