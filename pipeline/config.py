@@ -230,6 +230,10 @@ def _nearest(key: str, valid) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
+# Keys that were retired, with what replaces them.
+RETIRED = {"shard_optimizer_state": "optimizer-state sharding is DeepSpeed's ZeRO-1 now: launch with "
+                                    "accelerate_configs/zero1.yaml (sequence_parallel_size runs under it)"}
+
 # Keys whose accepted type is wider than the field's annotation: TrainingArguments types
 # `resume_from_checkpoint` as str, but Trainer.train takes True (= the last checkpoint in output_dir).
 TYPE_OVERRIDES: dict[str, Any] = {"resume_from_checkpoint": bool | str | None}
@@ -239,6 +243,8 @@ def _check_value(fields, key: str, value: Any, where: str, cli_raw: str | None =
     from pipeline.validation import check_path, check_value, shown
 
     if key not in fields:
+        if key in RETIRED:
+            raise RecipeError(f"{where}: key '{key}' was retired: {RETIRED[key]}")
         raise RecipeError(f"{where}: unknown key '{key}'{_nearest(key, fields)}")
     owner, tp, _ = fields[key]
     tp = TYPE_OVERRIDES.get(key, tp)

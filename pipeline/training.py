@@ -234,7 +234,6 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
                 "checkpoint_offload": "checkpoints offloaded to host memory",
                 "padding_free": "chosen + rejected packed padding-free",
                 "sequence_parallel_size": f"sequence parallel over {lc_args.sequence_parallel_size} processes",
-                "shard_optimizer_state": "optimizer state sharded over DDP processes",
                 "gradient_as_bucket_view": "DDP gradients as bucket views"}
             lines.append("long context: " + ", ".join(described[name] for name in on))
     if data_args.accelerate_config:

@@ -62,14 +62,35 @@ def test_dpo_precompute_hook_is_where_we_patch():
     assert params == ["self", "model", "inputs"], f"DPOTrainer.compute_ref_log_probs is now {params} (SP uses it)"
 
 
-def test_every_checkpoint_goes_through_save_checkpoint_on_every_rank():
-    params = list(inspect.signature(Trainer._save_checkpoint).parameters)
-    assert params == ["self", "model", "trial"], (
-        f"Trainer._save_checkpoint is now {params}: shard_optimizer_state gathers the optimizer state there")
-    source = inspect.getsource(Trainer._maybe_log_save_evaluate)
-    assert "self._save_checkpoint(" in source and "should_save" in source, (
-        "Trainer._maybe_log_save_evaluate no longer saves through _save_checkpoint: check where epoch / best saves "
-        "happen before trusting shard_optimizer_state")
+def test_deepspeed_steps_only_at_the_boundary_accelerate_marks():
+    from accelerate import Accelerator
+    from accelerate.state import GradientState
+    from accelerate.utils.deepspeed import DeepSpeedEngineWrapper
+
+    assert callable(getattr(GradientState, "_set_sync_gradients", None)), (
+        "accelerate's GradientState._set_sync_gradients is gone: sequence parallelism under DeepSpeed marks all but the "
+        "last of a group's backwards as non-boundaries through it")
+    source = inspect.getsource(DeepSpeedEngineWrapper.backward)
+    assert "set_gradient_accumulation_boundary(is_boundary=sync_gradients)" in source and \
+        "if sync_gradients:" in source, (
+            "accelerate's DeepSpeedEngineWrapper.backward no longer steps the engine only when sync_gradients: the "
+            "group's several backwards per micro-step would each step the optimizer (or none would)")
+    assert "sync_gradients=self.sync_gradients" in inspect.getsource(Accelerator.backward), (
+        "Accelerator.backward no longer passes its sync_gradients to DeepSpeed's backward")
+
+
+def test_deepspeed_ulysses_attention_passes_our_layout_to_the_core():
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    params = set(inspect.signature(UlyssesSPAttentionHF.__init__).parameters)
+    assert {"attn", "batch_size", "attn_head_count", "attn_head_size", "kv_head_count", "num_hidden_layers",
+            "process_group", "seq_length_is_variable"} <= params, (
+        f"DeepSpeed's UlyssesSPAttentionHF takes {sorted(params)} now: pipeline/longctx/ulysses.py builds one")
+    source = inspect.getsource(UlyssesSPAttentionHF.forward)
+    assert "self.attn(module, query_layer, key_layer, value_layer, attention_mask, *args" in source and \
+        "**kwargs)" in source, (
+            "UlyssesSPAttentionHF.forward no longer hands its keyword arguments to the core attention: our core reads "
+            "the packed sequences' spans (longctx_layout) from them")
 
 
 def test_trainer_reads_activation_checkpointing_not_the_aliases():

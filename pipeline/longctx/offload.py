@@ -47,3 +47,20 @@ def offload_saved_tensors(device_types: tuple[str, ...] | None = None, min_bytes
         return host.to(device, non_blocking=True) if device != host.device else host.clone()
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
+
+
+def offload_decoder(model) -> None:
+    """Offload only what the decoder stack saves (its checkpoints, the final norm), not the LM head's saved tensors:
+    under ZeRO-3 the LM head saves its partitioned weight, and a tensor that went through saved-tensor hooks comes back
+    as a new tensor without DeepSpeed's attributes, which TRL's fused head needs to gather the weight in backward.
+    Idempotent."""
+    decoder = model.get_decoder()
+    if getattr(decoder, "_longctx_offloaded", False):
+        return
+    inner = decoder.forward
+
+    def forward(*args, **kwargs):
+        with offload_saved_tensors():
+            return inner(*args, **kwargs)
+
+    decoder.forward, decoder._longctx_offloaded = forward, True

@@ -8,8 +8,8 @@ unchanged: a stage is then plain TRL. Each switch is one opt-in piece:
 - `loss_vocab_chunk`: TRL's fused LM head tiles the vocabulary in chunks of this many columns (`_vocab_chunk`)
 - `checkpoint_offload`: activation checkpoints and the LM head's saved states in host memory (offload.py)
 - `padding_free` (DPO): chosen and rejected packed into one row, exact per-sequence scores (fused_forward.py)
-- `sequence_parallel_size`: every sequence sharded over this many processes, Ulysses (ulysses.py)
-- `shard_optimizer_state`: ZeRO-1 over DDP processes, torch's ZeroRedundancyOptimizer (here)
+- `sequence_parallel_size`: every sequence sharded over this many processes, DeepSpeed's Ulysses attention (ulysses.py),
+  under DDP or any DeepSpeed ZeRO stage
 - `gradient_as_bucket_view`: DDP's gradients are views of its all-reduce buckets (here)
 """
 
@@ -21,10 +21,11 @@ import logging
 
 import torch
 import trl.trainer.utils as trl_utils
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from pipeline.longctx.fused_forward import wrap_fused_forward
-from pipeline.longctx.offload import offload_saved_tensors
+from transformers.integrations import is_deepspeed_zero3_enabled
+
+from pipeline.longctx.offload import offload_decoder, offload_saved_tensors
 from pipeline.longctx.rmsnorm import SUPPORTED as RMSNORM_CLASSES
 from pipeline.longctx.rmsnorm import patch_rmsnorm
 from pipeline.longctx.tiled_mlp import SUPPORTED_MODEL_TYPES, patch_tiled_mlp
@@ -70,14 +71,9 @@ class LongContextArguments:
                   "whose mode the recipe keeps. GPU only: on CPU activations already live in host memory."})
     sequence_parallel_size: int = dataclasses.field(
         default=1,
-        metadata={"help": "Shard every sequence across this many processes (Ulysses all-to-all attention on "
-                  "torch.distributed, SDPA kernels). Must divide the world size and the (KV) head counts; DDP only."})
-    shard_optimizer_state: bool = dataclasses.field(
-        default=False,
-        metadata={"help": "With DDP over several processes, each keeps the optimizer state (AdamW: 2 floats per "
-                  "parameter) of only 1/world of the parameters (ZeRO stage 1 with torch's "
-                  "ZeroRedundancyOptimizer; exact). The state is gathered to rank 0 for every checkpoint (steps, "
-                  "epoch or best). Under DeepSpeed use its ZeRO stages instead."})
+        metadata={"help": "Shard every sequence across this many processes (DeepSpeed's Ulysses all-to-all attention, "
+                  "SDPA per packed sequence in between). Must divide the world size and the query and KV head counts. "
+                  "Under DDP or DeepSpeed ZeRO-1/2/3 (with offload), which shard the model states as well."})
     gradient_as_bucket_view: bool = dataclasses.field(
         default=False,
         metadata={"help": "DDP: gradients are views of DDP's all-reduce buckets instead of a second copy (one "
@@ -97,8 +93,8 @@ class LongContextArguments:
 
     def active(self, training_args) -> list[str]:
         """The switches this recipe turns on (DPO's padding_free is ours: TRL 1.16 ignores it)."""
-        on = [name for name in ("tiled_mlp", "lean_rmsnorm", "checkpoint_offload", "shard_optimizer_state",
-                                "gradient_as_bucket_view") if getattr(self, name)]
+        on = [name for name in ("tiled_mlp", "lean_rmsnorm", "checkpoint_offload", "gradient_as_bucket_view")
+              if getattr(self, name)]
         if self.loss_vocab_chunk is not None:
             on.append("loss_vocab_chunk")
         if self.sequence_parallel_size > 1:
@@ -114,15 +110,11 @@ def check_switches(lc_args: LongContextArguments, training_args, zero_stage: int
     if lc_args.checkpoint_offload and not training_args.activation_checkpointing:
         return ("key 'checkpoint_offload' offloads activation checkpoints: it needs 'gradient_checkpointing: true' "
                 "(or activation_checkpointing: true)")
-    if sp > 1 and zero_stage is not None:
-        return (f"key 'sequence_parallel_size' {sp} runs on DDP, not DeepSpeed ZeRO-{zero_stage}: launch with "
-                "accelerate_configs/ddp.yaml (docs/longctx.md)")
     if sp > 1 and not training_args.average_tokens_across_devices:
         return ("key 'sequence_parallel_size' > 1 needs 'average_tokens_across_devices: true': the ranks of a "
                 "sequence-parallel group must scale the shared loss by the same token count")
-    if lc_args.shard_optimizer_state and zero_stage is not None:
-        return (f"key 'shard_optimizer_state' is ZeRO-1 for DDP: DeepSpeed ZeRO-{zero_stage} already shards "
-                "(drop the key)")
+    if lc_args.gradient_as_bucket_view and zero_stage is not None:
+        return f"key 'gradient_as_bucket_view' is for DDP: DeepSpeed ZeRO-{zero_stage} keeps its own buffers (drop it)"
     return None
 
 
@@ -160,16 +152,6 @@ def _vocab_chunk(size: int | None):
         yield
     finally:
         setattr(trl_utils, VOCAB_CHUNK_GLOBAL, previous)
-
-
-class ShardedOptimizer(ZeroRedundancyOptimizer):
-    """ZeRO-1 for DDP runs. accelerate's `prepare` round-trips `state_dict()` on every rank to place the state on the
-    device; before the first step there is nothing to gather, so answer with the (empty) global state."""
-
-    def state_dict(self):
-        if not self.optim.state:
-            return torch.optim.Optimizer.state_dict(self)
-        return super().state_dict()
 
 
 def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_args):
@@ -211,6 +193,8 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
                     patch_tiled_mlp(base, lc_args.tiled_mlp_tile_tokens)
                 if lc_args.lean_rmsnorm:
                     patch_rmsnorm(base, lc_args.tiled_mlp_tile_tokens)
+                if lc_args.checkpoint_offload and is_deepspeed_zero3_enabled():
+                    offload_decoder(base)
                 if wrap and (self._sp_group is not None or self._pack) and not getattr(base, "_longctx_wrapped", False):
                     if base.config._attn_implementation == "sdpa" or self._sp_group is not None:
                         base.set_attn_implementation(ATTN_IMPLEMENTATION)  # SDPA, per packed sequence / sharded
@@ -245,7 +229,8 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
                 self._sp_on = False
 
         def compute_loss(self, model, inputs, *args, **kwargs):
-            offload = offload_saved_tensors() if lc_args.checkpoint_offload else contextlib.nullcontext()
+            offload = offload_saved_tensors() if lc_args.checkpoint_offload and not is_deepspeed_zero3_enabled() \
+                else contextlib.nullcontext()
             with _vocab_chunk(lc_args.loss_vocab_chunk), offload:  # forward only: backward unpacks what was saved
                 return super().compute_loss(model, inputs, *args, **kwargs)
 
@@ -253,41 +238,24 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
             if self._sp_group is None:
                 return super().training_step(model, inputs, num_items_in_batch)
             # The group works through the micro-batches of all its ranks in turn, each sharded along the sequence,
-            # so a step sees the same samples, and (with DDP's averaging) the same gradient as plain data parallel.
-            losses = self._each_group_batch(inputs, lambda batch: super(LongContextTrainer, self)
-                                            .training_step(model, batch, num_items_in_batch))
+            # so a step sees the same samples, and (with DDP's or ZeRO's averaging) the same gradient as plain data
+            # parallel. DeepSpeed's engine steps at every backward that accelerate marks as a boundary: only the last
+            # of the group's backwards may be one (pinned: tests/test_longctx_contracts.py).
+            state, boundary = self.accelerator.gradient_state, self.accelerator.sync_gradients
+            count = torch.distributed.get_world_size(self._sp_group)
+
+            left = [count]
+
+            def step(batch):
+                left[0] -= 1
+                state._set_sync_gradients(boundary and left[0] == 0)
+                return super(LongContextTrainer, self).training_step(model, batch, num_items_in_batch)
+
+            try:
+                losses = self._each_group_batch(inputs, step)
+            finally:
+                state._set_sync_gradients(boundary)
             return torch.stack(losses).mean()
-
-        def create_optimizer(self, model=None):
-            built = self.optimizer is not None
-            optimizer = super().create_optimizer(model)
-            multi = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-            if built or not lc_args.shard_optimizer_state or not multi or self.is_deepspeed_enabled \
-                    or self.is_fsdp_enabled:
-                return optimizer
-            cls, kwargs = self.optimizer_cls_and_kwargs or self.get_optimizer_cls_and_kwargs(
-                self.args, self.model if model is None else model)
-            if type(optimizer) is not cls or not cls.__module__.startswith("torch.optim") or \
-                    {"params", "model", "optimizer_dict"} & set(kwargs):
-                logger.warning("shard_optimizer_state: %s is not a plain torch.optim optimizer; kept unsharded",
-                               type(optimizer).__name__)
-                return optimizer
-            if self.args.save_on_each_node:  # the state can be gathered to one rank only, not to one per node
-                logger.warning("shard_optimizer_state: save_on_each_node is set; optimizer state kept unsharded")
-                return optimizer
-            # Same class, arguments and param groups (the trainer's weight-decay split); the state of each
-            # parameter lives on one rank, which broadcasts the updated parameter after the step.
-            self.optimizer = ShardedOptimizer([dict(g) for g in optimizer.param_groups], optimizer_class=cls,
-                                              **kwargs)
-            return self.optimizer
-
-        # Every checkpoint (save_strategy steps, epoch or best) goes through here on every rank: gather the sharded
-        # optimizer state to rank 0, which writes it (a collective; pinned: tests/test_longctx_contracts).
-        def _save_checkpoint(self, model, trial):
-            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
-            if isinstance(optimizer, ZeroRedundancyOptimizer) and optimizer.optim.state:
-                optimizer.consolidate_state_dict(to=0)
-            return super()._save_checkpoint(model, trial)
 
     LongContextTrainer.__name__ = LongContextTrainer.__qualname__ = f"LongContext{trainer_cls.__name__}"
     return LongContextTrainer

@@ -58,38 +58,31 @@ def segments(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
     return list(zip(starts, starts[1:] + [pos.numel()]))
 
 
-def _all_to_all(x: torch.Tensor, group, split_dim: int, cat_dim: int) -> torch.Tensor:
-    world = dist.get_world_size(group)
-    inputs = [t.contiguous() for t in x.chunk(world, dim=split_dim)]
-    outputs = [torch.empty_like(t) for t in inputs]
-    dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, dim=cat_dim)
+def _ulysses(group, module, query) -> "UlyssesSPAttentionHF":  # noqa: F821
+    """DeepSpeed's Ulysses attention (ALST) for this group, batch size and head layout: its all-to-alls swap (all
+    heads, my tokens) <-> (my heads, all tokens) and gather the position ids; the attention itself between them is
+    ours (`_core`), because DeepSpeed's drops the mask and SDPA would then attend across packed sequences."""
+    key = (group.group_name, query.shape[0], module.config.num_attention_heads, module.config.num_key_value_heads,
+           query.shape[-1])
+    if key not in _ULYSSES:
+        import deepspeed.comm
+        from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+        if not deepspeed.comm.is_initialized():  # DDP runs: DeepSpeed's collectives on the existing process group
+            deepspeed.comm.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
+        _ULYSSES[key] = UlyssesSPAttentionHF(
+            attn=_core, batch_size=key[1], attn_head_count=key[2], kv_head_count=key[3], attn_head_size=key[4],
+            num_hidden_layers=module.config.num_hidden_layers, process_group=group, seq_length_is_variable=True)
+    return _ULYSSES[key]
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """[B, H, S/sp, D] (all heads, my tokens) -> [B, H/sp, S, D] (my heads, all tokens)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group, split_dim=1, cat_dim=2)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, split_dim=2, cat_dim=1), None
+_ULYSSES: dict = {}
 
 
-class _HeadsToSeq(torch.autograd.Function):
-    """[B, H/sp, S, D] -> [B, H, S/sp, D]; the inverse of `_SeqToHeads`."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _all_to_all(x, group, split_dim=2, cat_dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_to_all(grad, ctx.group, split_dim=1, cat_dim=2), None
+def _core(module, q, k, v, attention_mask, *, longctx_layout, position_ids=None, **kwargs):
+    """Causal SDPA over the full sequence for this rank's heads (DeepSpeed passes the gathered position ids; the
+    packed sequences' spans are already in the layout)."""
+    return _causal(module, q, k, v, longctx_layout.segments, **kwargs), None
 
 
 def _gather(x: torch.Tensor, group) -> torch.Tensor:
@@ -130,13 +123,12 @@ def longctx_attention(module, query, key, value, attention_mask, **kwargs):
     layout = kwargs.pop("longctx_layout", None)
     if layout is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    kwargs = {k: kwargs[k] for k in ("dropout", "scaling") if k in kwargs}
+    kept = {k: kwargs[k] for k in ("dropout", "scaling") if k in kwargs}
     if layout.group is None:
-        return _causal(module, query, key, value, layout.segments, **kwargs), None
-    q, k, v = (_SeqToHeads.apply(t, layout.group) for t in (query, key, value))
-    out = _causal(module, q, k, v, layout.segments, **kwargs)  # [B, S, H/sp, D]
-    out = _HeadsToSeq.apply(out.transpose(1, 2), layout.group)
-    return out.transpose(1, 2).contiguous(), None
+        return _causal(module, query, key, value, layout.segments, **kept), None
+    out, _ = _ulysses(layout.group, module, query)(module, query, key, value, None, longctx_layout=layout,
+                                                    position_ids=kwargs["position_ids"], **kept)
+    return out.view(*out.shape[:2], -1, query.shape[-1]), None  # [B, S/sp, H, D], like every attention function
 
 
 def _mask(*args, **kwargs):
