@@ -11,7 +11,8 @@ length. "trl" is TRL's SFTTrainer / DPOTrainer with its defaults (activation che
 LM head, padded rows); "ours" adds the long-context switches at their defaults (tiled MLP in tiles of --tile-tokens,
 lean RMSNorm, the LM head's vocabulary in chunks of --tile-tokens instead of TRL's 32768, padding-free rows incl.
 DPO); "ours_offload" also offloads the activation checkpoints to host memory (CUDA only); "ours_sp2" shards every
-sequence over 2 processes (torchrun; memory is per process). `--ours KEY=VALUE` changes a switch of the ours*
+sequence over 2 processes (torchrun, DDP; memory is per process); "ours_z3sp2" does so under DeepSpeed ZeRO-3, which
+also shards the weights, gradients and optimizer state over the 2 processes. `--ours KEY=VALUE` changes a switch of the ours*
 modes (an ablation).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
@@ -34,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-MODES = ("trl", "ours", "ours_offload", "ours_sp2")
+MODES = ("trl", "ours", "ours_offload", "ours_sp2", "ours_z3sp2")
+SP2 = ("ours_sp2", "ours_z3sp2")  # the modes that run on 2 processes
 PRESETS = {  # realistic widths and vocabularies, few layers (memory per layer is what the switches change)
     # Qwen2-0.5B's width (hidden 896, MLP 4864, 14/2 heads), one layer: with checkpointing, the per-layer peak
     # (what the switches change) is that of one layer anyway, and 2 shared CPU cores allow no more.
@@ -77,7 +79,8 @@ def child(spec: dict) -> dict:
     stage, mode = spec["stage"], spec["mode"]
     common = dict(output_dir=tempfile.mkdtemp(), max_steps=spec.get("steps", 2), per_device_train_batch_size=1,
                   learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to="none", max_length=None,
-                  bf16=cuda, use_cpu=not cuda, padding_free=mode != "trl", disable_tqdm=True, dataloader_num_workers=0)
+                  bf16=cuda, use_cpu=not cuda, padding_free=mode != "trl", disable_tqdm=True,
+                  dataloader_num_workers=0)
     if stage == "sft":
         rows = [{"prompt": digits(half), "completion": digits(spec["length"] - half - 1)}
                 for _ in range(common["max_steps"])]
@@ -95,8 +98,7 @@ def child(spec: dict) -> dict:
         # "ours": every memory switch on (the switches are opt-in; "trl" is TRL's own trainer class)
         lc = dict(tiled_mlp=True, lean_rmsnorm=True, tiled_mlp_tile_tokens=spec["tile_tokens"],
                   loss_vocab_chunk=spec["tile_tokens"], checkpoint_offload=mode == "ours_offload",
-                  sequence_parallel_size=spec.get("sp", 1), shard_optimizer_state=spec.get("sp", 1) > 1,
-                  gradient_as_bucket_view=True)
+                  sequence_parallel_size=spec.get("sp", 1), gradient_as_bucket_view=mode != "ours_z3sp2")
         overrides = dict(spec.get("ours_overrides") or {})
         args.padding_free = overrides.pop("padding_free", args.padding_free)
         cls = long_context_trainer(cls, LongContextArguments(**(lc | overrides)), args)
@@ -216,12 +218,18 @@ def run_config(spec: dict, timeout: int, glibc_malloc: bool = False) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if spec["device"] == "cpu":  # DeepSpeed (ours_z3sp2) on the CPU; its op compiles once into the cache
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        env.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     if not glibc_malloc:
         # glibc otherwise raises its mmap threshold as large blocks are freed and keeps them in the heap, so peak
         # RSS would count memory already freed; a fixed threshold returns large blocks at once (RSS ~ live tensors)
         env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")
     launcher = [sys.executable]
-    if spec.get("sp", 1) > 1:
+    if spec["mode"] == "ours_z3sp2":  # the repository's ZeRO-3 config, as the recipes launch it
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/zero3.yaml"),
+                     "--num_processes", str(spec["sp"])]
+    elif spec.get("sp", 1) > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec["sp"])]
     start = time.time()
     result_dir = Path(tempfile.mkdtemp(prefix="bench_longctx_result_"))  # one file per rank: stdout lines interleave
@@ -270,7 +278,8 @@ def plot(results: list[dict], out: Path, cap_gb: float) -> None:
     stages = [s for s in ("sft", "dpo") if any(r["stage"] == s for r in results)]
     fig, axes = plt.subplots(2, len(stages), figsize=(5.5 * len(stages), 7.5), squeeze=False)
     for col, stage in enumerate(stages):
-        for mode, style in (("trl", "o-"), ("ours", "s-"), ("ours_offload", "d-"), ("ours_sp2", "^--")):
+        for mode, style in (("trl", "o-"), ("ours", "s-"), ("ours_offload", "d-"), ("ours_sp2", "^--"),
+                            ("ours_z3sp2", "v--")):
             pts = sorted((r["length"], r) for r in results if r["stage"] == stage and r["mode"] == mode
                          and "error" not in r)
             if not pts:
@@ -368,7 +377,7 @@ def main() -> None:
         for length in a.lengths:
             for mode in a.modes:  # modes interleaved per length: a change in the machine's load hits them alike
                 spec = dict(stage=stage, mode=mode, length=length, device=a.device, preset=preset, tile_tokens=tile,
-                            tokenizer=tok_dir, sp=2 if mode == "ours_sp2" else 1, steps=a.steps, lora=a.lora,
+                            tokenizer=tok_dir, sp=2 if mode in SP2 else 1, steps=a.steps, lora=a.lora,
                             **({"ours_overrides": overrides} if overrides and mode != "trl" else {}),
                             **({"memory_breakdown": True} if a.memory_breakdown else {}))
                 r = run_config(spec, a.timeout, a.glibc_malloc)
