@@ -12,6 +12,7 @@ a forward hook on `q_proj`; no model code is touched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import random
 import time
@@ -206,3 +207,79 @@ def plot_scores(path, scores: list[list[float]], title: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# As a stage: detect on a model, compare with another model's registry (what alignment did to the heads)
+#   python -m pipeline.kv.detect --model_name_or_path outputs/tiny/dpo --output_dir outputs/tiny/heads \
+#       --compare_with data/models/demo-base/retrieval_heads.json
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DetectArguments:
+    model_name_or_path: str = dataclasses.field(metadata={"help": "Model whose retrieval heads are scored."})
+    output_dir: str = dataclasses.field(metadata={"help": "Writes retrieval_heads.json (+ .png) and stage_result.json."})
+    compare_with: str | None = dataclasses.field(
+        default=None, metadata={"help": "Another model's registry: report the overlap of the top_k heads."})
+    top_k: int = dataclasses.field(default=4, metadata={"help": "KV heads compared (the NIAH stage's full_heads)."})
+    lengths: list[int] = dataclasses.field(default_factory=lambda: [256, 512])
+    depths: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 0.9])
+    per_cell: int = 4
+    key_digits: int = 5
+    stage: str = "retrieval_heads"
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.per_cell < 1 or not self.lengths or min(self.lengths) < 64:
+            raise ValueError("keys 'top_k' and 'per_cell' must be >= 1 and 'lengths' list lengths >= 64")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import logging
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from pipeline.config import RecipeError, parse
+    from pipeline.io import write_stage_result
+    from pipeline.kv.evaluate import words_for_tokens
+    from pipeline.modeling import check_model_path
+    from pipeline.tasks.needle import Passkey
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    (args,), _, source = parse([DetectArguments], argv, prog="python -m pipeline.kv.detect")
+    check_model_path(args.model_name_or_path, source)
+    other = None
+    if args.compare_with:
+        try:
+            other = load_registry(args.compare_with)
+        except ValueError as e:
+            raise RecipeError(f"{source}: key 'compare_with': {e}") from None
+    tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
+    exs = [Passkey(key_digits=args.key_digits).make(random.Random(f"detect/{n}/{d}/{i}"), words_for_tokens(tok, n), d)
+           for n in args.lengths for d in args.depths for i in range(args.per_cell)]
+    t0 = time.time()
+    res = wu_scores(model, tok, exs)
+    out = Path(args.output_dir)
+    reg = save_registry(out / "retrieval_heads.json", model, "wu", res["scores"], {
+        "lengths": args.lengths, "depths": args.depths, "per_cell": args.per_cell, "n_prompts": res["n_prompts"],
+        "n_success": res["n_success"], "seconds": round(time.time() - t0, 1)}, args.model_name_or_path)
+    plot_scores(out / "retrieval_heads.png", reg["kv_scores"], f"Wu retrieval score per KV head: {args.model_name_or_path}")
+    top = top_heads(reg["kv_scores"], args.top_k)
+    metrics = {"passkey_solved": res["n_success"] / res["n_prompts"], "top_score": max(map(max, reg["kv_scores"])),
+               "top_heads": " ".join(f"L{l}H{h}" for l, h in top)}
+    if other is not None:
+        if (other["num_layers"], other["num_kv_heads"]) != (reg["num_layers"], reg["num_kv_heads"]):
+            raise RecipeError(f"{source}: key 'compare_with': {args.compare_with} is for another shape")
+        theirs = top_heads(other["kv_scores"], args.top_k)
+        metrics[f"top{args.top_k}_overlap"] = len(set(top) & set(theirs)) / args.top_k
+        metrics["compared_top_heads"] = " ".join(f"L{l}H{h}" for l, h in theirs)
+    write_stage_result(out, args.stage, metrics, {"registry": str(out / "retrieval_heads.json")})
+    logging.getLogger(__name__).info("retrieval heads: %s", metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    from pipeline.config import cli
+
+    cli(main)
