@@ -85,6 +85,9 @@ class DataArguments(ScriptArguments):
                   "joins the stage's metrics and the staged report."},
     )
     eval_examples: int = dataclasses.field(default=50, metadata={"help": "Held-out examples per eval task."})
+    eval_system_prompt: str | None = dataclasses.field(
+        default=None, metadata={"help": "System message of the eval_tasks prompts (a model trained with system "
+                                "prompts is scored under the one it is deployed with)."})
     accelerate_config: str | None = dataclasses.field(
         default=None,
         metadata={"help": "The accelerate config this recipe is meant to be launched with; cross-checked "

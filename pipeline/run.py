@@ -95,6 +95,8 @@ RECIPE_TYPES: dict[str, tuple[str, ...]] = {
     "pipeline.tiny": ("pipeline.tiny:TinyModelSpec",),
     "pipeline.niah": ("pipeline.niah:NiahArguments",),
     "pipeline.quant.plant": ("pipeline.quant.plant:PlantArguments",),
+    "pipeline.quant.compare": ("pipeline.quant.compare:CompareArguments",),
+    "pipeline.kv.detect": ("pipeline.kv.detect:DetectArguments",),
 }
 
 
@@ -210,6 +212,9 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
                   "| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, acc in accuracy_rows:
             lines.append(f"| {name} | " + " | ".join(_fmt(acc[c]) if c in acc else "-" for c in cols) + " |")
+        per_task = [c for c in cols if c.startswith("accuracy/")]
+        if per_task and plot_accuracy(accuracy_rows, per_task, path.with_suffix(".png")):
+            lines += ["", f"![held-out accuracy by task after each stage]({path.with_suffix('.png').name})"]
     lines += ["", "## All metrics", ""]
     for stage in stages:
         result = read_stage_result(stage_output_dir(stage))
@@ -219,6 +224,31 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
             lines += [f"- artifact `{k}`: `{v}`" for k, v in result.get("artifacts", {}).items()]
             lines.append("")
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path) -> bool:
+    """Grouped bars: held-out accuracy per task (x) after each stage (one bar colour per stage)."""
+    rows = [(n, a) for n, a in rows if any(t in a for t in tasks)]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.5))
+    width = 0.8 / max(len(rows), 1)
+    for i, (name, acc) in enumerate(rows):
+        ax.bar([j + i * width for j in range(len(tasks))], [acc.get(t, 0.0) for t in tasks], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t.split("/", 1)[1] for t in tasks])
+    ax.set(ylim=(0, 1), ylabel="held-out accuracy")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
 
 
 def _die_with_parent() -> None:

@@ -363,7 +363,8 @@ def train_and_save(trainer, stage: str, data_args: DataArguments | None = None, 
         from pipeline.evaluate import evaluate
 
         metrics.update(evaluate(trainer.model, trainer.processing_class, data_args.eval_tasks,
-                                data_args.eval_examples, state=trainer.accelerator))
+                                data_args.eval_examples, system_prompt=data_args.eval_system_prompt,
+                                state=trainer.accelerator))
     registry = Path(args.output_dir) / "super_weights.json"  # written by a preserve_super_weights load
     if registry.is_file():
         metrics["super_weights_kept_exact"] = len(json.loads(registry.read_text())["super_weights"])
