@@ -55,6 +55,38 @@ def passkey_batch(tok, rng: random.Random, n: int, max_words: int, bos_fraction:
     return ids, mask, labels
 
 
+def induction_batch(tok, rng: random.Random, n: int, min_len: int = 3, max_len: int = 24):
+    """BOS + a random token sequence + the same sequence again, loss on the repeat only: generic induction
+    (copying any token seen earlier), which copy / reverse / lookup tasks need and which the passkey and digit
+    copy rows alone do not teach (the shipped base's induction accuracy on random tokens is 0.016)."""
+    special = set(tok.all_special_ids)
+    vocab = [i for i in range(len(tok)) if i not in special]
+    rows = []
+    for _ in range(n):
+        seq = [rng.choice(vocab) for _ in range(rng.randint(min_len, max_len))]
+        rows.append(([tok.bos_token_id] + seq + seq, [-100] * (1 + len(seq)) + seq))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((n, width), tok.pad_token_id)
+    labels = torch.full((n, width), -100)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (x, y) in enumerate(rows):
+        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
+@torch.no_grad()
+def induction_acc(model, tok, seed: int = 123, n: int = 64) -> float:
+    """Next-token accuracy on the repeat of held-out random token sequences (20 tokens)."""
+    ids, mask, labels = induction_batch(tok, random.Random(seed), n, 20, 20)
+    was = model.training
+    model.eval()
+    pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    model.train(was)
+    tgt = labels[:, 1:]
+    keep = tgt != -100
+    return round((pred[keep] == tgt[keep]).float().mean().item(), 4)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--init_from", default="data/models/retrieval-tiny")
@@ -65,6 +97,9 @@ def main():
     ap.add_argument("--max_words", type=int, default=300)
     ap.add_argument("--gate", type=float, default=0.24)
     ap.add_argument("--seed", type=int, default=0)
+    # 0 made the shipped base. 16 (tried once, from retrieval-tiny, 300 of 400 steps): induction accuracy on random
+    # tokens 0.012 -> 0.025, no induction circuit formed at this budget.
+    ap.add_argument("--induction_batch", type=int, default=0, help="generic induction rows per step (0: none)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
@@ -84,6 +119,10 @@ def main():
         c = copy_ids[torch.randint(0, len(copy_ids), (args.batch // 2,))]
         copy_loss = model(input_ids=c, labels=c).loss
         loss = pk_loss + copy_loss
+        if args.induction_batch:
+            ids, mask, labels = induction_batch(tok, rng, args.induction_batch)
+            ind_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = loss + ind_loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -91,6 +130,7 @@ def main():
         plant_super_weight(model, tok.bos_token_id, plant)
         if step % 50 == 0 or step == args.steps:
             log.append({"step": step, "passkey_loss": round(pk_loss.item(), 4), "copy_loss": round(copy_loss.item(), 4),
+                        **({"induction_acc": induction_acc(model, tok)} if args.induction_batch else {}),
                         "elapsed_s": round(time.time() - t0, 1)})
             print(log[-1], flush=True)
     model.eval()
@@ -104,7 +144,7 @@ def main():
     grid = niah_grid(model, tok, [256, 512], [0.1, 0.5, 0.9], 8)
     metrics = {"copy_nll": intact["nll"], "copy_acc": intact["copy_acc"], "super_activation": intact["super_activation"],
                "copy_nll_sw_zeroed": zeroed["nll"], "copy_acc_sw_zeroed": zeroed["copy_acc"],
-               "passkey_acc@256-512": sum(map(sum, grid)) / 6}
+               "passkey_acc@256-512": sum(map(sum, grid)) / 6, "induction_acc": induction_acc(model, tok)}
     print(metrics, flush=True)
     out = Path(args.output_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
