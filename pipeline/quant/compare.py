@@ -34,6 +34,7 @@ class CompareArguments:
     n: int = dataclasses.field(default=200, metadata={"help": "Held-out examples per task."})
     system_prompt: str | None = None
     max_new_tokens: int = 128
+    batch_size: int = 64
     bits: int = 4
     block: list[int] = dataclasses.field(default_factory=lambda: [16, 16])
     clip_zscore: float = 3.0
@@ -89,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
         return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     def measure(model) -> dict:
-        acc = accuracy(score(model, tok, examples, args.system_prompt, 64, args.max_new_tokens))
+        acc = accuracy(score(model, tok, examples, args.system_prompt, args.batch_size, args.max_new_tokens))
         return {"accuracy": round(acc["accuracy/mean"], 4), "nll": round(reply_nll(model, tok, nll_examples, args.system_prompt), 4),
                 **{k.split("/")[1]: round(v, 4) for k, v in acc.items() if k != "accuracy/mean"}}
 
