@@ -9,7 +9,9 @@ from pipeline.config import ModelArguments, load_yaml, parse
 from tests.conftest import ROOT
 
 # Which stage module reads a recipe: named in the staged pipeline files, else by a word of the file name.
-STAGE_BY_PREFIX = {"sft": "pipeline.sft", "dpo": "pipeline.dpo", "model": "pipeline.tiny"}
+# plant_sw and qlora_sw run on their own since the demo starts from the shipped base (docs/quant.md).
+STAGE_BY_PREFIX = {"sft": "pipeline.sft", "dpo": "pipeline.dpo", "model": "pipeline.tiny",
+                   "plant": "pipeline.quant.plant", "qlora": "pipeline.sft"}
 
 
 def _is_pipeline(path: Path) -> bool:
@@ -38,7 +40,9 @@ def _arguments(module: str):
     from pipeline.evoprompt import EvoPromptArguments
     from pipeline.generate import GenerateArguments
     from pipeline.longctx.data import PasskeyDataArguments
+    from pipeline.kv.detect import DetectArguments
     from pipeline.niah import NiahArguments
+    from pipeline.quant.compare import CompareArguments
     from pipeline.quant.plant import PlantArguments
     from pipeline.rl.cppo_trainer import CPPOConfig
     from pipeline.tiny import TinyModelSpec
@@ -46,7 +50,8 @@ def _arguments(module: str):
     return {"pipeline.tiny": [TinyModelSpec], "pipeline.generate": [GenerateArguments],
             "pipeline.evaluate": [EvalArguments], "pipeline.evoprompt": [EvoPromptArguments],
             "pipeline.niah": [NiahArguments], "pipeline.longctx.data": [PasskeyDataArguments],
-            "pipeline.quant.plant": [PlantArguments],
+            "pipeline.quant.plant": [PlantArguments], "pipeline.kv.detect": [DetectArguments],
+            "pipeline.quant.compare": [CompareArguments],
             "pipeline.cppo": [CPPOArguments, CPPOConfig, ModelArguments]}[module]
 
 
