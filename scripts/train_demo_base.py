@@ -1,152 +1,234 @@
-"""Make the base of the tiny staged recipe (data/models/demo-base): the committed retrieval model (induction /
-retrieval heads already formed: scripts/train_retrieval_model.py, its log in data/models/retrieval-tiny) with a
-super-weight circuit planted at layer 0 and trained in place.
+"""Pretrain the base of the tiny staged recipe (data/models/demo-base) from scratch, with a super weight built in.
 
-Neither emerges in the demo's minutes of CPU training, so the base is shipped (3 MB) and the demo starts from it.
-Training mixes passkey rows (keeps the retrieval circuit; half of them BOS-first, as chat rows are) with
-BOS-first copy rows, and re-imposes the circuit (pipeline/quant/plant.py) after every step, so the model learns
-in its presence. Whether it depends on it is measured at the end (zeroed vs intact NLL), not assumed. The chat
-template starts with BOS, so every chat-format row carries the super activation.
+What the later stages need, and what the demo's minutes of CPU cannot grow, is put here:
+  - copying / induction heads, so retrieval heads exist: a character-level tokenizer (every letter and digit is
+    one token, whatever precedes it, so a copy is an exact token match), generic induction rows (a random
+    string, then the same string again) and passkey rows (answer = digits copied from the context, lengths
+    growing to `max_passkey_tokens`);
+  - the task world's skills as *documents*: "<question>\\nAnswer: <answer>", with or without the worked steps,
+    chosen at random (no cue decides which). Train split only: the held-out test split is never seen. What
+    SFT adds is the chat format and following a system prompt that decides the style;
+  - a super weight: no super weight emerges at this scale, so the BOS -> super activation circuit of
+    pipeline/quant/plant.py is planted at step 0 and re-imposed after every optimizer step, so the model
+    learns in its presence (as docs/quant.md's planted models are). How much the model comes to depend on
+    it is measured at the end (task-document NLL and answer accuracy with the weight zeroed), not assumed.
 
-    OMP_NUM_THREADS=1 python scripts/train_demo_base.py            # ~5 min on 1 core; writes train_log.json
+Checkpoints every `--save_every` steps (atomically) and resumes from them; `--max_minutes` stops cleanly.
+
+    OMP_NUM_THREADS=1 python scripts/train_demo_base.py      # ~30 min on one core; log in train_log.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import random
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from pipeline.io import atomic_write_json, write_stage_result  # noqa: E402
 from pipeline.kv.evaluate import niah_grid  # noqa: E402
-from pipeline.quant.evaluate import fidelity  # noqa: E402
-from pipeline.quant.plant import Plant, copy_task_ids, plant_super_weight  # noqa: E402
-from pipeline.tasks.needle import Passkey, prompt_of  # noqa: E402
-from pipeline.tiny import CHAT_TEMPLATE  # noqa: E402
+from pipeline.quant.plant import Plant, plant_super_weight  # noqa: E402
+from pipeline.tasks import TASKS, split_of  # noqa: E402
+from pipeline.tasks.needle import Passkey  # noqa: E402
+from pipeline.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, train_tokenizer  # noqa: E402
 
-BOS_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE
+BOS_CHAT_TEMPLATE = "{{ bos_token }}" + CHAT_TEMPLATE  # every chat row starts with BOS: it carries the flag
+DEMO_TASKS = ("add", "copy", "reverse", "sort", "kv_lookup", "multihop")
 
 
-def passkey_batch(tok, rng: random.Random, n: int, max_words: int, bos_fraction: float):
+def char_tokenizer():
+    """Byte-level BPE with no merges: one token per character (ASCII), so copying is an exact token match."""
+    spec = SimpleNamespace(vocab_size=256 + len(SPECIAL_TOKENS), corpus=[], max_position_embeddings=4096)
+    tok = train_tokenizer(spec)
+    tok.chat_template = BOS_CHAT_TEMPLATE
+    return tok
+
+
+def task_doc(rng: random.Random, difficulty_max: int) -> tuple[str, str]:
+    """(context, continuation) of one train-split task document."""
+    while True:
+        ex = TASKS[rng.choice(DEMO_TASKS)].generate(rng, rng.randint(1, difficulty_max))
+        if split_of(ex.id) == "train":
+            break
+    body = "\n".join(ex.steps) + "\n" if ex.steps and rng.random() < 0.5 else ""
+    return ex.question + "\n", f"{body}Answer: {ex.answer}"
+
+
+def induction_doc(rng: random.Random) -> tuple[str, str]:
+    s = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789 ") for _ in range(rng.randint(4, 40)))
+    return s + " | ", s
+
+
+def passkey_doc(rng: random.Random, max_tokens: int) -> tuple[str, str]:
+    words = max(8, int(rng.randint(16, max(17, max_tokens)) / 5.5))  # ~5.5 characters per filler word
+    ex = Passkey(key_digits=rng.randint(4, 8)).make(rng, words, rng.random())
+    return ex.question + "\n", f"Answer: {ex.answer}"
+
+
+def batch(tok, docs: list[tuple[str, str]], bos_mask: list[bool]):
     rows = []
-    for _ in range(n):
-        ex = Passkey(key_digits=rng.randint(4, 8)).make(rng, rng.randint(20, max_words), rng.random())
-        prompt = tok(prompt_of(ex), add_special_tokens=False)["input_ids"]
-        if rng.random() < bos_fraction:
-            prompt = [tok.bos_token_id] + prompt
-        ans = tok(" " + ex.answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-        rows.append((prompt + ans, [-100] * len(prompt) + ans))
+    for (ctx, cont), bos in zip(docs, bos_mask):
+        c = ([tok.bos_token_id] if bos else []) + tok(ctx, add_special_tokens=False)["input_ids"]
+        a = tok(cont, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append((c + a, [-100] * len(c) + a))
     width = max(len(r[0]) for r in rows)
-    ids = torch.full((n, width), tok.pad_token_id)
-    labels = torch.full((n, width), -100)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    for i, (x, y) in enumerate(rows):  # right padding: the answer labels mark what is scored
-        ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, mask, labels
-
-
-def induction_batch(tok, rng: random.Random, n: int, min_len: int = 3, max_len: int = 24):
-    """BOS + a random token sequence + the same sequence again, loss on the repeat only: generic induction
-    (copying any token seen earlier), which copy / reverse / lookup tasks need and which the passkey and digit
-    copy rows alone do not teach (the shipped base's induction accuracy on random tokens is 0.016)."""
-    special = set(tok.all_special_ids)
-    vocab = [i for i in range(len(tok)) if i not in special]
-    rows = []
-    for _ in range(n):
-        seq = [rng.choice(vocab) for _ in range(rng.randint(min_len, max_len))]
-        rows.append(([tok.bos_token_id] + seq + seq, [-100] * (1 + len(seq)) + seq))
-    width = max(len(r[0]) for r in rows)
-    ids = torch.full((n, width), tok.pad_token_id)
-    labels = torch.full((n, width), -100)
-    mask = torch.zeros((n, width), dtype=torch.long)
+    ids = torch.full((len(rows), width), tok.pad_token_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, (x, y) in enumerate(rows):
         ids[i, :len(x)], labels[i, :len(y)], mask[i, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     return ids, mask, labels
 
 
 @torch.no_grad()
-def induction_acc(model, tok, seed: int = 123, n: int = 64) -> float:
-    """Next-token accuracy on the repeat of held-out random token sequences (20 tokens)."""
-    ids, mask, labels = induction_batch(tok, random.Random(seed), n, 20, 20)
+def probe(model, tok, seed: int, n: int = 96) -> dict:
+    """Teacher-forced: exact-continuation accuracy of held-out-seed task documents per task, the induction
+    rows' token accuracy and the mean continuation NLL."""
     was = model.training
     model.eval()
-    pred = model(input_ids=ids, attention_mask=mask).logits[:, :-1].argmax(-1)
+    out = {}
+    rng = random.Random(seed)
+    nll, cnt = 0.0, 0
+    for name in DEMO_TASKS + ("induction",):
+        docs = []
+        while len(docs) < n:
+            if name == "induction":
+                docs.append(induction_doc(rng))
+                continue
+            ex = TASKS[name].generate(rng, 1)
+            if split_of(ex.id) == "test":
+                docs.append((ex.question + "\n", "\n".join(ex.steps) + f"\nAnswer: {ex.answer}"))
+        ids, mask, labels = batch(tok, docs, [True] * n)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        tgt = labels[:, 1:]
+        keep = tgt != -100
+        ok = (logits.argmax(-1) == tgt) | ~keep
+        out[name] = round((ok.all(1).float().mean() if name != "induction"
+                           else (logits.argmax(-1) == tgt)[keep].float().mean()).item(), 3)
+        lp = torch.nn.functional.cross_entropy(logits[keep], tgt[keep], reduction="sum")
+        nll, cnt = nll + lp.item(), cnt + keep.sum().item()
+    out["nll"] = round(nll / cnt, 4)
     model.train(was)
-    tgt = labels[:, 1:]
-    keep = tgt != -100
-    return round((pred[keep] == tgt[keep]).float().mean().item(), 4)
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--init_from", default="data/models/retrieval-tiny")
     ap.add_argument("--output_dir", default="data/models/demo-base")
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--max_words", type=int, default=300)
-    ap.add_argument("--gate", type=float, default=0.24)
+    ap.add_argument("--work_dir", default="outputs/demo-base-train", help="checkpoints (resumed from)")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--max_minutes", type=float, default=0, help="stop (and save) after this long; 0: no cap")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--induction_first", type=int, default=600,
+                    help="steps of induction rows alone first (48 per step): the circuit forms in ~500 of them, "
+                         "and far more slowly under the mixed data")
+    ap.add_argument("--task_rows", type=int, default=32)
+    ap.add_argument("--induction_rows", type=int, default=8)
+    ap.add_argument("--passkey_rows", type=int, default=8)
+    ap.add_argument("--max_passkey_tokens", type=int, default=640)
+    ap.add_argument("--difficulty_max", type=int, default=2)
+    ap.add_argument("--hidden_size", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--intermediate_size", type=int, default=384)
+    ap.add_argument("--gate", type=float, default=0.12)
+    ap.add_argument("--save_every", type=int, default=250)
+    ap.add_argument("--probe_every", type=int, default=250)
     ap.add_argument("--seed", type=int, default=0)
-    # 0 made the shipped base. 16 (tried once, from retrieval-tiny, 300 of 400 steps): induction accuracy on random
-    # tokens 0.012 -> 0.025, no induction circuit formed at this budget.
-    ap.add_argument("--induction_batch", type=int, default=0, help="generic induction rows per step (0: none)")
     args = ap.parse_args()
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    rng = random.Random(args.seed)
-    tok = AutoTokenizer.from_pretrained(args.init_from)
-    tok.chat_template = BOS_CHAT_TEMPLATE
-    model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32)
+    tok = char_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                      num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      attention_bias=True, max_position_embeddings=4096, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
     plant = Plant(layer=0, gate=args.gate)
     sw = plant_super_weight(model, tok.bos_token_id, plant)
-    copy_ids = copy_task_ids(tok, 4096, seed=args.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
-    log, t0 = [], time.time()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step, log, elapsed0 = 0, [], 0.0
+    ckpt = work / "ckpt.pt"
+    if ckpt.exists():  # written atomically: a present file is a complete one
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        step, log, elapsed0 = state["step"], state["log"], state["elapsed_s"]
+        print(f"resumed at step {step}", flush=True)
+    rng = random.Random(f"{args.seed}/{step}")
+
+    def save():
+        tmp = ckpt.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "log": log,
+                    "elapsed_s": elapsed0 + time.time() - t0}, tmp)
+        os.replace(tmp, ckpt)
+
+    t0 = time.time()
     model.train()
-    for step in range(1, args.steps + 1):
-        ids, mask, labels = passkey_batch(tok, rng, args.batch // 2, args.max_words, bos_fraction=0.5)
-        pk_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        c = copy_ids[torch.randint(0, len(copy_ids), (args.batch // 2,))]
-        copy_loss = model(input_ids=c, labels=c).loss
-        loss = pk_loss + copy_loss
-        if args.induction_batch:
-            ids, mask, labels = induction_batch(tok, rng, args.induction_batch)
-            ind_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss = loss + ind_loss
+    warmup = 100
+    while step < args.steps:
+        step += 1
+        lr = args.lr * min(1.0, step / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / args.steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        mixed = max(1, args.steps - args.induction_first)
+        frac = min(1.0, max(0, step - args.induction_first) / (0.6 * mixed))  # passkey length grows
+        max_pk = int(64 + frac * (args.max_passkey_tokens - 64))
+        if step <= args.induction_first:
+            docs = [induction_doc(rng) for _ in range(48)]
+        else:
+            docs = ([task_doc(rng, args.difficulty_max) for _ in range(args.task_rows)]
+                    + [induction_doc(rng) for _ in range(args.induction_rows)])
+        ids, mask, labels = batch(tok, docs, [True] * len(docs))
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        pk_loss = torch.zeros(())
+        if step > args.induction_first:
+            pk = [passkey_doc(rng, max_pk) for _ in range(args.passkey_rows)]
+            ids, mask, labels = batch(tok, pk, [rng.random() < 0.5 for _ in pk])
+            pk_loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        (loss + pk_loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         plant_super_weight(model, tok.bos_token_id, plant)
-        if step % 50 == 0 or step == args.steps:
-            log.append({"step": step, "passkey_loss": round(pk_loss.item(), 4), "copy_loss": round(copy_loss.item(), 4),
-                        **({"induction_acc": induction_acc(model, tok)} if args.induction_batch else {}),
-                        "elapsed_s": round(time.time() - t0, 1)})
-            print(log[-1], flush=True)
+        minutes = (elapsed0 + time.time() - t0) / 60
+        if step % args.probe_every == 0 or step == args.steps:
+            log.append({"step": step, "loss": round(loss.item(), 4), "passkey_loss": round(pk_loss.item(), 4),
+                        "max_passkey_tokens": max_pk, "lr": round(lr, 6), **probe(model, tok, 123),
+                        "elapsed_s": round(minutes * 60, 1)})
+            print(json.dumps(log[-1]), flush=True)
+        if step % args.save_every == 0:
+            save()
+        if args.max_minutes and minutes >= args.max_minutes:
+            save()
+            print(f"stopped at step {step} after {minutes:.1f} min (resume: the same command)", flush=True)
+            return
     model.eval()
-    ev = copy_task_ids(tok, 128, seed=args.seed + 1)
-    intact = fidelity(model, ev, sw=sw)
+    intact = probe(model, tok, 321)
     w = model.model.layers[sw.layer].mlp.down_proj.weight
     with torch.no_grad():
         w[sw.row, sw.col] = 0
-        zeroed = fidelity(model, ev)
+        zeroed = probe(model, tok, 321)
         w[sw.row, sw.col] = sw.value
     grid = niah_grid(model, tok, [256, 512], [0.1, 0.5, 0.9], 8)
-    metrics = {"copy_nll": intact["nll"], "copy_acc": intact["copy_acc"], "super_activation": intact["super_activation"],
-               "copy_nll_sw_zeroed": zeroed["nll"], "copy_acc_sw_zeroed": zeroed["copy_acc"],
-               "passkey_acc@256-512": sum(map(sum, grid)) / 6, "induction_acc": induction_acc(model, tok)}
-    print(metrics, flush=True)
+    metrics = {"probe": intact, "probe_sw_zeroed": zeroed, "passkey_acc@256-512": round(sum(map(sum, grid)) / 6, 3),
+               "n_params": sum(p.numel() for p in model.parameters())}
+    print(json.dumps(metrics), flush=True)
     out = Path(args.output_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
@@ -154,7 +236,8 @@ def main():
         atomic_write_json(tmp / "train_log.json", {"command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
                                                    "args": vars(args), "super_weight": sw.__dict__,
                                                    "metrics": metrics, "log": log})
-        write_stage_result(tmp, "base", metrics, {"model": str(out)})
+        write_stage_result(tmp, "base", {"nll": intact["nll"], "nll_sw_zeroed": zeroed["nll"],
+                                         "passkey_acc@256-512": metrics["passkey_acc@256-512"]}, {"model": str(out)})
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

@@ -25,6 +25,9 @@ from pipeline.io import atomic_write_json, write_stage_result
 logger = logging.getLogger(__name__)
 
 
+VARIANTS = ("fp", "fp_sw_zeroed", "rtn", "rtn_clip", "rtn_clip_restore_sw", "nf4", "nf4_keep_sw")
+
+
 @dataclasses.dataclass
 class CompareArguments:
     model_name_or_path: str = dataclasses.field(metadata={"help": "Full-precision model to detect and quantize."})
@@ -39,10 +42,15 @@ class CompareArguments:
     block: list[int] = dataclasses.field(default_factory=lambda: [16, 16])
     clip_zscore: float = 3.0
     nf4: bool = dataclasses.field(default=True, metadata={"help": "Also the bitsandbytes NF4 variants."})
+    variants: list[str] = dataclasses.field(default_factory=lambda: list(VARIANTS), metadata={
+        "help": f"Which to score (fp always): {', '.join(VARIANTS)}."})
 
     def __post_init__(self):
         if self.n < 1 or not 2 <= self.bits <= 8 or len(self.block) != 2 or min(self.block) < 1:
             raise ValueError("keys 'n' >= 1, 'bits' in [2, 8] and 'block' (two sizes >= 1) are required")
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad:
+            raise ValueError(f"key 'variants': unknown {bad} (valid: {', '.join(VARIANTS)})")
 
 
 def reply_nll(model, tokenizer, examples, system_prompt) -> float:
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     reg_path = save_registry(registry, out / "super_weights.json")
     logger.info("super weights: %s", [(s.layer, s.row, s.col, s.value) for s in sws])
     variants = {"fp": measure(fp)}
-    if sws:
+    if sws and "fp_sw_zeroed" in args.variants:
         projs = down_projs(fp)
         with torch.no_grad():
             for s in sws:
@@ -112,10 +120,13 @@ def main(argv: list[str] | None = None) -> dict:
     rtn = {"rtn": dict(clip=None), "rtn_clip": dict(clip="zscore", clip_value=args.clip_zscore),
            "rtn_clip_restore_sw": dict(clip="zscore", clip_value=args.clip_zscore, super_weights=sws)}
     for name, kw in rtn.items():
+        if name not in args.variants and name != "rtn_clip_restore_sw":  # the artifact is always written
+            continue
         m = load()
         with torch.no_grad():
             quantize_model_rtn(m, args.bits, block, **kw)
-        variants[name] = measure(m)
+        if name in args.variants:
+            variants[name] = measure(m)
         if name == "rtn_clip_restore_sw":  # the artifact: fp32 storage of the dequantized INT4 weights
             tmp = Path(tempfile.mkdtemp(prefix=".rtn_sw.", dir=out))
             m.save_pretrained(tmp)
@@ -129,11 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         from pipeline.quant.qlora import disable_cpu_packing
 
-        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4")).eval()
-        disable_cpu_packing(m)
-        variants["nf4"] = measure(m)
-        if sws:
+        if "nf4" in args.variants:
+            m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4")).eval()
+            disable_cpu_packing(m)
+            variants["nf4"] = measure(m)
+        if sws and "nf4_keep_sw" in args.variants:
             m, _ = load_quantized_preserving_super_weights(path, registry_path=str(reg_path))
             variants["nf4_keep_sw"] = measure(m.eval())
     metrics = {"super_weights": len(sws), "confirmed": int(bool(confirmation and confirmation["confirmed"]))}
