@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 
 import torch
 import trl.trainer.utils as trl_utils
@@ -110,6 +111,9 @@ def check_switches(lc_args: LongContextArguments, training_args, zero_stage: int
     if lc_args.checkpoint_offload and not training_args.activation_checkpointing:
         return ("key 'checkpoint_offload' offloads activation checkpoints: it needs 'gradient_checkpointing: true' "
                 "(or activation_checkpointing: true)")
+    if sp > 1 and int(os.environ.get("PARALLELISM_CONFIG_SP_SIZE", "1")) > 1:  # set by an accelerate config
+        return ("key 'sequence_parallel_size' and the accelerate config's parallelism_config sp_size both shard the "
+                "sequence: keep one (docs/longctx.md, 'Which pieces are DeepSpeed's')")
     if sp > 1 and not training_args.average_tokens_across_devices:
         return ("key 'sequence_parallel_size' > 1 needs 'average_tokens_across_devices: true': the ranks of a "
                 "sequence-parallel group must scale the shared loss by the same token count")
