@@ -375,3 +375,17 @@ def test_sequence_parallel_under_every_zero_stage_parses(monkeypatch):
     monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
     problem = check_switches(lc, training, 3)
     assert "parallelism_config sp_size" in problem and "sequence_parallel_size" in problem
+
+
+def test_sequence_parallel_without_deepspeed_is_one_line_error(monkeypatch):
+    import importlib.util
+
+    from trl import SFTConfig
+
+    from pipeline.longctx.trainer import check_switches
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    problem = check_switches(LongContextArguments(sequence_parallel_size=2), SFTConfig(output_dir="x", use_cpu=True),
+                             None)
+    assert "DeepSpeed's Ulysses attention" in problem and "[deepspeed]" in problem

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib.util
 import logging
 import os
 
@@ -111,6 +112,9 @@ def check_switches(lc_args: LongContextArguments, training_args, zero_stage: int
     if lc_args.checkpoint_offload and not training_args.activation_checkpointing:
         return ("key 'checkpoint_offload' offloads activation checkpoints: it needs 'gradient_checkpointing: true' "
                 "(or activation_checkpointing: true)")
+    if sp > 1 and importlib.util.find_spec("deepspeed") is None:
+        return ("key 'sequence_parallel_size' > 1 runs on DeepSpeed's Ulysses attention, which is not installed: "
+                "pip install 'longctx-align-pipeline[deepspeed]'")
     if sp > 1 and int(os.environ.get("PARALLELISM_CONFIG_SP_SIZE", "1")) > 1:  # set by an accelerate config
         return ("key 'sequence_parallel_size' and the accelerate config's parallelism_config sp_size both shard the "
                 "sequence: keep one (docs/longctx.md, 'Which pieces are DeepSpeed's')")
