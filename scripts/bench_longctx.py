@@ -12,7 +12,8 @@ LM head, padded rows); "ours" adds the long-context switches at their defaults (
 lean RMSNorm, the LM head's vocabulary in chunks of --tile-tokens instead of TRL's 32768, padding-free rows incl.
 DPO); "ours_offload" also offloads the activation checkpoints to host memory (CUDA only); "ours_sp2" shards every
 sequence over 2 processes (torchrun, DDP; memory is per process); "ours_z3sp2" does so under DeepSpeed ZeRO-3, which
-also shards the weights, gradients and optimizer state over the 2 processes. `--ours KEY=VALUE` changes a switch of the ours*
+also shards the weights, gradients and optimizer state over the 2 processes (accelerate_configs/zero3.yaml's settings,
+with DeepSpeed's live-parameter budget scaled to the model as an 8B model sees the default: `zero3_config`). `--ours KEY=VALUE` changes a switch of the ours*
 modes (an ablation).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
@@ -316,8 +317,8 @@ def launch(spec: dict, timeout: float, glibc_malloc: bool = False) -> tuple[list
         # RSS would count memory already freed; a fixed threshold returns large blocks at once (RSS ~ live tensors)
         env["MALLOC_MMAP_THRESHOLD_"] = os.environ.get("MALLOC_MMAP_THRESHOLD_", "65536")
     launcher = [sys.executable]
-    if spec["mode"] == "ours_z3sp2":  # the repository's ZeRO-3 config, as the recipes launch it
-        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/zero3.yaml"),
+    if spec["mode"] == "ours_z3sp2":
+        launcher += ["-m", "accelerate.commands.launch", "--config_file", zero3_config(spec["preset"]),
                      "--num_processes", str(spec["sp"])]
     elif spec.get("sp", 1) > 1 or spec.get("deepspeed"):  # DeepSpeed wants torch.distributed's env, even for 1 process
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(spec.get("sp", 1))]
@@ -341,6 +342,31 @@ def launch(spec: dict, timeout: float, glibc_malloc: bool = False) -> tuple[list
         oom = "out of memory" in log.lower() or rc in (-9, 137)
         error = "out of memory" if oom else tail[-1][-300:]
     return results, error, log[-12000:]
+
+
+def n_params(geometry: dict) -> int:
+    """Parameters of a Llama of this geometry with untied embeddings."""
+    h, i, v, n = (geometry[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
+    kv = h // geometry["num_attention_heads"] * geometry["num_key_value_heads"]
+    return 2 * v * h + h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
+
+
+def zero3_config(preset: str) -> str:
+    """accelerate_configs/zero3.yaml's settings, with DeepSpeed's live-parameter budget (stage3_max_live_parameters /
+    _reuse_distance, 1e9 by default) scaled to this model as an 8B model sees the default: a model smaller than the
+    budget would otherwise stay gathered whole through the step, which no 8B run does."""
+    budget = max(1, round(1e9 * n_params(PRESETS[preset]) / 8.03e9))
+    folder = Path(tempfile.mkdtemp(prefix="bench_longctx_zero3_"))
+    ds = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": budget, "stage3_max_reuse_distance": budget,
+                                "stage3_gather_16bit_weights_on_model_save": True},
+          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
+          "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
+    (folder / "ds.json").write_text(json.dumps(ds))
+    (folder / "accelerate.yaml").write_text(json.dumps({  # JSON is YAML
+        "distributed_type": "DEEPSPEED", "compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0,
+        "rdzv_backend": "static", "same_network": True, "use_cpu": False, "main_training_function": "main",
+        "deepspeed_config": {"deepspeed_config_file": str(folder / "ds.json"), "zero3_init_flag": True}}))
+    return str(folder / "accelerate.yaml")
 
 
 def run_config(spec: dict, timeout: int, glibc_malloc: bool = False) -> dict:

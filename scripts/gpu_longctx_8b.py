@@ -77,12 +77,6 @@ def host_bytes_per_param(cpu_adam: bool, fp32_master: bool) -> int:
     return 8 if cpu_adam and not fp32_master else 16
 
 
-def n_params(geometry: dict) -> int:
-    h, i, v, n = (geometry[k] for k in ("hidden_size", "intermediate_size", "vocab_size", "num_hidden_layers"))
-    kv = h // geometry["num_attention_heads"] * geometry["num_key_value_heads"]
-    return 2 * v * h + h + n * (2 * h * h + 2 * h * kv + 3 * h * i + 2 * h)
-
-
 def host_total_gb() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -210,7 +204,7 @@ def main() -> None:
         f"({time.time() - t0:.0f} s)", flush=True)
     ds = ds_config(not a.tiny, cpu_adam, a.fp32_master)
     host_cap = a.host_cap_gb or ((host_total_gb() or 0) - 8.0) or None
-    params = n_params(geometry)
+    params = B.n_params(geometry)
     optimizer_host_gb = params * host_bytes_per_param(cpu_adam, a.fp32_master and not a.tiny) / 2**30
 
     tok_dir = tempfile.mkdtemp(prefix="gpu_longctx_8b_tok_")

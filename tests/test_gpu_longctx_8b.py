@@ -13,7 +13,7 @@ import gpu_longctx_8b as G  # noqa: E402
 
 
 def test_the_8b_preset_is_llama_3_1_8b():
-    assert G.n_params(B.PRESETS["llama8b"]) == 8_030_261_248  # Llama-3.1-8B's parameter count
+    assert B.n_params(B.PRESETS["llama8b"]) == 8_030_261_248  # Llama-3.1-8B's parameter count
 
 
 def test_step_time_guess_is_a_clipped_local_power_law():
