@@ -358,7 +358,10 @@ def zero3_config(preset: str) -> str:
     budget = max(1, round(1e9 * n_params(PRESETS[preset]) / 8.03e9))
     folder = Path(tempfile.mkdtemp(prefix="bench_longctx_zero3_"))
     ds = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": budget, "stage3_max_reuse_distance": budget,
-                                "stage3_gather_16bit_weights_on_model_save": True},
+                                "stage3_gather_16bit_weights_on_model_save": True,
+                                # accelerate sizes these from the hidden size, as it does for zero3.yaml
+                                "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                                "stage3_param_persistence_threshold": "auto"},
           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto", "train_batch_size": "auto",
           "gradient_clipping": "auto", "bf16": {"enabled": "auto"}}
     (folder / "ds.json").write_text(json.dumps(ds))
