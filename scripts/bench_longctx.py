@@ -13,8 +13,8 @@ lean RMSNorm, the LM head's vocabulary in chunks of --tile-tokens instead of TRL
 DPO); "ours_offload" also offloads the activation checkpoints to host memory (CUDA only); "ours_sp2" shards every
 sequence over 2 processes (torchrun, DDP; memory is per process); "ours_z3sp2" does so under DeepSpeed ZeRO-3, which
 also shards the weights, gradients and optimizer state over the 2 processes (accelerate_configs/zero3.yaml's settings,
-with DeepSpeed's live-parameter budget scaled to the model as an 8B model sees the default: `zero3_config`). `--ours KEY=VALUE` changes a switch of the ours*
-modes (an ablation).
+with DeepSpeed's live-parameter budget scaled to the model as an 8B model sees the default: `zero3_config`).
+`--ours KEY=VALUE` changes a switch of the ours* modes (an ablation).
 A DPO "length" is the length of each of the chosen and rejected sequences (prompt = half of it).
 The longest sequence under `--cap-gb` comes from a straight-line fit of peak memory vs length (attention here is
 SDPA/flash, so memory is linear in length) over the measured lengths; it is marked as extrapolated.

@@ -31,10 +31,10 @@ LOSS_RTOL, GRAD_NORM_RTOL = 1e-3, 5e-3
 # (test_sequence_parallel_under_deepspeed_equals_one_process), which stands in for their switches-vs-plain check.
 # (recipe, accelerate config, extra overrides); the DPO recipe precomputes its reference log-probs, and once it keeps
 # the reference model (a second ZeRO-3 engine, scored sharded at every step) instead.
-SP_UNDER_ZERO = [("longctx_sft_full", "zero3", ()), ("longctx_dpo_full", "zero3", ()),
-                 ("longctx_dpo_full", "zero3", ("--precompute_ref_log_probs", "false")),
-                 ("longctx_sft_full", "zero2", ()), ("longctx_dpo_full", "zero1", ()),
-                 ("longctx_dpo_full", "zero3_offload", ())]
+SFT_FULL, DPO_FULL = "recipes/llama-3.1-8b/longctx_sft_full.yaml", "recipes/llama-3.1-8b/longctx_dpo_full.yaml"
+SP_UNDER_ZERO = [(SFT_FULL, "zero3", ()), (DPO_FULL, "zero3", ()),
+                 (DPO_FULL, "zero3", ("--precompute_ref_log_probs", "false")),
+                 (SFT_FULL, "zero2", ()), (DPO_FULL, "zero1", ()), (DPO_FULL, "zero3_offload", ())]
 
 
 @pytest.fixture(scope="session")
@@ -207,7 +207,7 @@ def test_recipe_path_two_processes(recipe, harness, tmp_path):
     for step in (3, 4):  # logged again after the resume from checkpoint-2
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), (step, a[step], b[step])
 
-    if H.has_switches(recipe) and recipe.stem not in {name for name, _, _ in SP_UNDER_ZERO}:
+    if H.has_switches(recipe) and str(recipe.relative_to(H.ROOT)) not in {path for path, _, _ in SP_UNDER_ZERO}:
         # Dropout masks are drawn per tile, so the comparison runs without them (tests/test_longctx_paths.py checks
         # that the tiles replay theirs); everything else as the recipe says.
         no_dropout = ["--lora_dropout", "0.0"] if H.uses_lora(recipe) else []
@@ -251,7 +251,7 @@ def test_sequence_parallel_reference_precompute_equals_plain(harness, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,zero,extra", SP_UNDER_ZERO,
-                         ids=[f"{z}-{n}" + ("-ref-model" if e else "") for n, z, e in SP_UNDER_ZERO])
+                         ids=[f"{z}-{Path(n).stem}" + ("-ref-model" if e else "") for n, z, e in SP_UNDER_ZERO])
 def test_sequence_parallel_under_deepspeed_equals_one_process(name, zero, extra, harness, tmp_path):
     """The 8B full fine-tuning long-context recipes (SP 2 over both processes, DeepSpeed's Ulysses attention, tiles,
     offloaded checkpoints, padding-free rows) under each ZeRO stage log the per-step losses and gradient norms of plain
@@ -259,7 +259,7 @@ def test_sequence_parallel_under_deepspeed_equals_one_process(name, zero, extra,
     paths then agree to ~1e-6 (bf16 rounds them apart by up to 3e-3 after 4 steps). Every weight trains and the saved
     model reloads with from_pretrained (resuming: test_recipe_path_two_processes, with each recipe's ZeRO-3)."""
     models, data = harness
-    recipe = H.ROOT / f"recipes/llama-3.1-8b/{name}.yaml"
+    recipe = H.ROOT / name
     cfg = H.load_yaml(recipe)
     fp32 = ["--bf16", "false", "--dtype", "float32", *extra]
     ours, plain = tmp_path / "ours", tmp_path / "plain"
