@@ -355,3 +355,37 @@ def test_passkey_data(tmp_path):
     assert len(dpo) == 3 and all(r["chosen"] != r["rejected"] for r in dpo)
     key = dpo[0]["chosen"][0]["content"].split()[-1].rstrip(".")
     assert f"The pass key is {key}." in dpo[0]["prompt"][0]["content"]
+
+
+def test_sequence_parallel_under_every_zero_stage_parses(monkeypatch):
+    """SP is accepted under each DeepSpeed config (it was refused before); with accelerate's own parallelism_config SP
+    on as well it is a one-line error naming both."""
+    from trl import DPOConfig
+
+    from pipeline.config import DataArguments, ModelArguments, parse, zero_stage
+    from pipeline.longctx.trainer import check_switches
+
+    recipe = ROOT / "recipes/llama-3.1-8b/longctx_dpo_full.yaml"
+    for zero, stage in (("zero1", 1), ("zero2", 2), ("zero3", 3), ("zero3_offload", 3)):
+        (data, training, _, lc), _, _ = parse(
+            [DataArguments, DPOConfig, ModelArguments, LongContextArguments],
+            ["--config", str(recipe), "--accelerate_config", str(ROOT / f"accelerate_configs/{zero}.yaml")])
+        assert zero_stage(training, data) == stage and lc.sequence_parallel_size == 8
+        assert check_switches(lc, training, stage) is None, zero
+    monkeypatch.setenv("PARALLELISM_CONFIG_SP_SIZE", "2")
+    problem = check_switches(lc, training, 3)
+    assert "parallelism_config sp_size" in problem and "sequence_parallel_size" in problem
+
+
+def test_sequence_parallel_without_deepspeed_is_one_line_error(monkeypatch):
+    import importlib.util
+
+    from trl import SFTConfig
+
+    from pipeline.longctx.trainer import check_switches
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    problem = check_switches(LongContextArguments(sequence_parallel_size=2), SFTConfig(output_dir="x", use_cpu=True),
+                             None)
+    assert "DeepSpeed's Ulysses attention" in problem and "[deepspeed]" in problem

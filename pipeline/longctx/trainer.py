@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
+import importlib.util
+import os
 
 import torch
 import trl.trainer.utils as trl_utils
-
-from pipeline.longctx.fused_forward import wrap_fused_forward
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from pipeline.longctx.fused_forward import wrap_fused_forward
 from pipeline.longctx.offload import offload_decoder, offload_saved_tensors
 from pipeline.longctx.rmsnorm import SUPPORTED as RMSNORM_CLASSES
 from pipeline.longctx.rmsnorm import patch_rmsnorm
 from pipeline.longctx.tiled_mlp import SUPPORTED_MODEL_TYPES, patch_tiled_mlp
 from pipeline.longctx.ulysses import ATTN_IMPLEMENTATION, check_heads
-
-logger = logging.getLogger(__name__)
 
 # TRL exposes no argument for its fused LM head's vocabulary chunk; its forward reads this module global at every call
 # (pinned by tests/test_longctx_contracts.py).
@@ -110,6 +108,12 @@ def check_switches(lc_args: LongContextArguments, training_args, zero_stage: int
     if lc_args.checkpoint_offload and not training_args.activation_checkpointing:
         return ("key 'checkpoint_offload' offloads activation checkpoints: it needs 'gradient_checkpointing: true' "
                 "(or activation_checkpointing: true)")
+    if sp > 1 and importlib.util.find_spec("deepspeed") is None:
+        return ("key 'sequence_parallel_size' > 1 runs on DeepSpeed's Ulysses attention, which is not installed: "
+                "pip install 'longctx-align-pipeline[deepspeed]'")
+    if sp > 1 and int(os.environ.get("PARALLELISM_CONFIG_SP_SIZE", "1")) > 1:  # set by an accelerate config
+        return ("key 'sequence_parallel_size' and the accelerate config's parallelism_config sp_size both shard the "
+                "sequence: keep one (docs/longctx.md, 'Which pieces are DeepSpeed's')")
     if sp > 1 and not training_args.average_tokens_across_devices:
         return ("key 'sequence_parallel_size' > 1 needs 'average_tokens_across_devices: true': the ranks of a "
                 "sequence-parallel group must scale the shared loss by the same token count")
@@ -244,11 +248,12 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
             state, boundary = self.accelerator.gradient_state, self.accelerator.sync_gradients
             count = torch.distributed.get_world_size(self._sp_group)
 
-            left = [count]
+            left = count
 
             def step(batch):
-                left[0] -= 1
-                state._set_sync_gradients(boundary and left[0] == 0)
+                nonlocal left
+                left -= 1
+                state._set_sync_gradients(boundary and left == 0)
                 return super(LongContextTrainer, self).training_step(model, batch, num_items_in_batch)
 
             try:

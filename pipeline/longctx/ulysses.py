@@ -1,13 +1,15 @@
-"""Attention for long rows: per-sequence SDPA for packed rows, and Ulysses sequence parallelism on plain
-torch.distributed (gloo on CPU, NCCL on GPU).
+"""Attention for long rows: per-sequence SDPA for packed rows, and Ulysses sequence parallelism on DeepSpeed's
+`UlyssesSPAttentionHF` (ALST), under DDP or DeepSpeed ZeRO (gloo on CPU, NCCL on GPU).
 
 Each rank of a sequence-parallel (SP) group holds a contiguous shard of every sequence. Everything in a decoder
-layer except attention is token-wise, so it runs on the shard as is. Attention swaps the split: an all-to-all turns
-(all heads, my tokens) into (my heads, all tokens), attention runs over the full sequence for 1/sp of the heads,
-and a second all-to-all turns it back. Requires the query and key/value head counts to be divisible by sp.
+layer except attention is token-wise, so it runs on the shard as is. Attention swaps the split: DeepSpeed's
+all-to-all turns (all heads, my tokens) into (my heads, all tokens), our core runs causal SDPA over the full sequence
+for 1/sp of the heads (per packed sequence: DeepSpeed's own call drops the mask, and SDPA ignores position ids), and
+a second all-to-all turns it back. Requires the query and key/value head counts to be divisible by sp.
 
-The attention function is registered with transformers' public `AttentionInterface` as "longctx_sdpa". Outside a
-long-context forward (`layout_context`) it is plain SDPA, so evaluation and generation are unchanged.
+The attention function is registered with transformers' public `AttentionInterface` as "longctx_sdpa" (DeepSpeed's
+route through accelerate would instead replace the process-wide "sdpa" entry). Outside a long-context forward
+(`layout_context`) it is plain SDPA, so evaluation and generation are unchanged.
 """
 
 from __future__ import annotations
