@@ -208,14 +208,16 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     matrix = [d["accuracy"] for d in progress["done"]]
     metrics = transfer_metrics(matrix)
-    metrics.update({f"accuracy/{n}": v for n, v in zip(names, matrix[-1])})
+    # a task met twice at two difficulties (multihop d1 -> d2) keeps one metric each
+    labels = [t["task"] if names.count(t["task"]) == 1 else f"{t['task']}_d{t['difficulty']}" for t in tasks]
+    metrics.update({f"accuracy/{n}": v for n, v in zip(labels, matrix[-1])})
     report = {"tasks": names, "method": {"c_kr": training_args.c_kr, "weighting": training_args.weighting,
                                          "k": training_args.k, "lb": training_args.lb, "ub": training_args.ub},
               "initial": progress["initial"], "matrix": matrix, "metrics": metrics,
               "rows": "matrix[j][i] = held-out accuracy on task i after training task j"}
     if main_process:
         atomic_write_json(out / "forgetting.json", report)
-        plot_matrix(out / "forgetting.png", names, progress["initial"], matrix,
+        plot_matrix(out / "forgetting.png", labels, progress["initial"], matrix,
                     f"c_KR={training_args.c_kr}, weighting={training_args.weighting}")
         write_stage_result(out, "cppo", metrics, {"model": progress["done"][-1]["model"],
                                                   "forgetting": str(out / "forgetting.json")})

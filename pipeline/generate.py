@@ -40,6 +40,8 @@ class GenerateArguments:
     output_dir: str = dataclasses.field(metadata={"help": "Writes sft.jsonl, dpo.jsonl, corpus.txt, cache.jsonl here."})
     tasks: list[str] = dataclasses.field(default_factory=list, metadata={"help": "Task-world tasks to draw queries from."})
     n_per_task: int = dataclasses.field(default=200, metadata={"help": "Queries per task (train split)."})
+    task_counts: dict[str, int] = dataclasses.field(
+        default_factory=dict, metadata={"help": "Per-task query counts that override n_per_task, e.g. {passkey: 500}."})
     difficulty: int = 1
     queries_file: str | None = dataclasses.field(
         default=None, metadata={"help": "jsonl of {question, task?, answer?, id?}: queries besides the task world."})
@@ -79,6 +81,9 @@ class GenerateArguments:
         bad = [s for s in self.styles if s not in STYLES]
         if bad or not self.styles:
             raise ValueError(f"key 'styles' must be a non-empty list of {', '.join(STYLES)}, got {self.styles}")
+        unknown = sorted(set(self.task_counts) - set(self.tasks))
+        if unknown or any(not isinstance(v, int) or v < 1 for v in self.task_counts.values()):
+            raise ValueError(f"key 'task_counts' must map tasks of 'tasks' to counts >= 1, got {self.task_counts}")
         if not self.tasks and not self.queries_file:
             raise ValueError("no queries: set 'tasks' or 'queries_file'")
         if self.n_samples < 1 or not self.teachers:
@@ -96,7 +101,8 @@ class Query:
 
 def load_queries(args: GenerateArguments) -> list[Query]:
     queries = [Query(e.id, e.question, e) for t in args.tasks
-               for e in make_split(get_task(t), "train", args.n_per_task, args.seed, args.difficulty)]
+               for e in make_split(get_task(t), "train", args.task_counts.get(t, args.n_per_task), args.seed,
+                                   args.difficulty)]
     seen = {q.id for q in queries}
     if args.queries_file:
         path = Path(args.queries_file)

@@ -39,6 +39,9 @@ class NiahArguments:
     depths: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 0.9])
     n_per_cell: int = 8
     seed: int = 0
+    chat: bool = dataclasses.field(default=False, metadata={
+        "help": "Ask through the chat template (an aligned chat model) instead of the raw document (a base model)."})
+    system_prompt: str | None = dataclasses.field(default=None, metadata={"help": "With chat: the system message."})
 
     def __post_init__(self):
         if (self.full_heads is None) == (self.full_fraction is None):
@@ -103,7 +106,7 @@ def main(argv=None):
     results, metrics = {}, {}
     for name, make in policies.items():
         grid = niah_grid(model, tok, args.lengths, args.depths, args.n_per_cell, make, args.task, args.seed,
-                         args.key_digits)
+                         args.key_digits, args.chat, args.system_prompt)
         acc = sum(map(sum, grid)) / (len(args.lengths) * len(args.depths))
         results[name] = {"grid": grid, "accuracy": acc}
         metrics[f"niah_acc/{name}"] = round(acc, 4)

@@ -212,8 +212,11 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
                   "| stage | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, acc in accuracy_rows:
             lines.append(f"| {name} | " + " | ".join(_fmt(acc[c]) if c in acc else "-" for c in cols) + " |")
-        per_task = [c for c in cols if c.startswith("accuracy/")]
-        if per_task and plot_accuracy(accuracy_rows, per_task, path.with_suffix(".png")):
+        per_task = [c for c in cols if c.startswith("accuracy/") and not c.startswith("accuracy/test_")]
+        every = {k: v for _, acc in accuracy_rows for k, v in acc.items()}
+        every.update({k: v for st in stages for k, v in ((read_stage_result(stage_output_dir(st)) or {})
+                                                          .get("metrics", {}).items()) if k.startswith("kv_bytes_ratio@")})
+        if per_task and plot_accuracy(accuracy_rows, per_task, path.with_suffix(".png"), every):
             lines += ["", f"![held-out accuracy by task after each stage]({path.with_suffix('.png').name})"]
     lines += ["", "## All metrics", ""]
     for stage in stages:
@@ -226,9 +229,14 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path) -> bool:
-    """Grouped bars: held-out accuracy per task (x) after each stage (one bar colour per stage)."""
+def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path, metrics: dict | None = None) -> bool:
+    """Grouped bars: held-out accuracy per task (x) after each stage (one bar colour per stage). Beside it, where the
+    run has them: NIAH accuracy against the KV bytes kept (`niah_acc/<policy>`, `kv_bytes_ratio@<len>/<policy>`)
+    and accuracy per quantization variant (`quant_accuracy/<variant>`)."""
     rows = [(n, a) for n, a in rows if any(t in a for t in tasks)]
+    metrics = metrics or {}
+    niah = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("niah_acc/")}
+    quant = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("quant_accuracy/")}
     try:
         import matplotlib
 
@@ -236,7 +244,23 @@ def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path) ->
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.5))
+    extra = [p for p in (niah, quant) if p]
+    fig, axes = plt.subplots(1, 1 + len(extra), figsize=(1.4 * len(tasks) + 2 + 3.5 * len(extra), 3.5),
+                             gridspec_kw={"width_ratios": [1.4 * len(tasks) + 2] + [3.5] * len(extra)}, squeeze=False)
+    ax, panels = axes[0][0], list(axes[0][1:])
+    if niah:
+        pax = panels.pop(0)
+        for i, (policy, acc) in enumerate(niah.items()):
+            ratio = next((v for k, v in metrics.items() if k.startswith("kv_bytes_ratio@") and k.endswith("/" + policy)),
+                         1.0)  # the full cache keeps every byte
+            pax.scatter([ratio], [acc], s=30)
+            pax.annotate(policy, (ratio, acc), fontsize=7, xytext=(3, 3 + 9 * i), textcoords="offset points")
+        pax.set(xlim=(0, 1.1), ylim=(-0.05, 1.05), xlabel="KV bytes kept (fraction of full)", ylabel="NIAH accuracy")
+    if quant:
+        qax = panels.pop(0)
+        qax.bar(range(len(quant)), list(quant.values()), color="tab:gray")
+        qax.set_xticks(range(len(quant)), list(quant), rotation=30, ha="right", fontsize=7)
+        qax.set(ylim=(0, 1), ylabel="held-out accuracy (quantized)")
     width = 0.8 / max(len(rows), 1)
     for i, (name, acc) in enumerate(rows):
         ax.bar([j + i * width for j in range(len(tasks))], [acc.get(t, 0.0) for t in tasks], width, label=name)

@@ -77,13 +77,16 @@ def run_method(work: Path, policy: Path, method: str, seed: int, args) -> dict:
     from pipeline import cppo
 
     out = work / f"{method}{args.tag}-seed{seed}"
-    tasks = f"[{{task: {args.task1}, max_steps: {args.t1_steps}}}, {{task: {args.task2}, max_steps: {args.t2_steps}}}]"
+    tasks = (f"[{{task: {args.task1}, max_steps: {args.t1_steps}, difficulty: {args.t1_difficulty}}}, "
+             f"{{task: {args.task2}, max_steps: {args.t2_steps}, difficulty: {args.t2_difficulty}}}]")
     argv = ["--config", str(ROOT / "recipes/tiny/cppo.yaml"), "--model_name_or_path", str(policy),
             "--output_dir", str(out), "--tasks", tasks, "--seed", str(seed), "--eval_n", str(args.eval_n),
             "--learning_rate", str(args.lr), "--save_steps", "1000", "--logging_steps", "10",
-            # The SFT data has no system prompt and terse answers; 4 prompts x 8 samples per step.
-            "--system_prompt", "null", "--max_completion_length", "24", "--per_device_train_batch_size", "32",
-            "--num_generations", "8"]
+            # 4 prompts x 8 samples per step. The built policy's SFT data has no system prompt and terse answers;
+            # a given --policy (the demo's aligned model) is run under the prompt it is deployed with.
+            "--system_prompt", args.system_prompt or "null", "--max_completion_length", str(args.max_completion_length),
+            "--per_device_train_batch_size", "32", "--num_generations", "8"]
+
     argv += METHODS[method](args)
     cppo.main(argv)  # returns at once if this run is already complete (reruns re-summarise)
     report = json.loads((out / "forgetting.json").read_text())
@@ -158,11 +161,17 @@ def main() -> None:
                    help="The first is the baseline the others are compared with.")
     p.add_argument("--tag", default="", help="Suffix of the run directories (RL settings sweeps on one SFT model).")
     p.add_argument("--sft_only", action="store_true", help="Build and score the SFT policy, then stop.")
+    p.add_argument("--policy", default=None,
+                   help="Start every run from this model (e.g. the tiny demo's outputs/tiny/dpo) instead of building one.")
+    p.add_argument("--system_prompt", default=None, help="System prompt of the RL and eval prompts (with --policy).")
+    p.add_argument("--max_completion_length", type=int, default=24)
+    p.add_argument("--t1_difficulty", type=int, default=1)
+    p.add_argument("--t2_difficulty", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/cppo"))
     args = p.parse_args()
 
     work = Path(args.work)
-    policy = build_policy(work, args)
+    policy = Path(args.policy) if args.policy else build_policy(work, args)
     if args.sft_only:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 

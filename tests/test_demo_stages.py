@@ -80,3 +80,53 @@ def test_sft_scores_held_out_examples_under_eval_system_prompt(monkeypatch):
     ev.evaluate(None, None, ["copy"], n=3, system_prompt="Think step by step.")
     assert len(seen) == 3 and all(c[0] == {"role": "system", "content": "Think step by step."} for c in seen)
     assert DataArguments.__dataclass_fields__["eval_system_prompt"].default is None
+
+
+def test_chat_mode_asks_through_the_template_and_reads_the_answer_line():
+    import random
+
+    from transformers import AutoTokenizer
+
+    from pipeline.kv.evaluate import answer_of, prompt_text
+    from pipeline.tasks.needle import Passkey
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "data/models/demo-base")
+    ex = Passkey(key_digits=5).make(random.Random(0), 20, 0.5)
+    raw, chat = prompt_text(tok, ex, False), prompt_text(tok, ex, True)
+    assert raw.endswith("\nAnswer:") and ex.question in chat
+    assert chat.startswith(tok.bos_token) and chat.endswith("<|im_start|>assistant\n")
+    quoted = f"The context says: The passkey is {ex.answer}. Remember it.\nAnswer: {ex.answer}"
+    assert answer_of(quoted, True) == ex.answer and answer_of(" " + ex.answer + "\nmore", False) == ex.answer
+    assert answer_of("no answer line", True) == ""
+
+
+def test_quant_compare_rejects_an_unknown_variant():
+    from pipeline.quant.compare import main as compare_main
+
+    with pytest.raises((RecipeError, SystemExit, ValueError), match="variants"):
+        compare_main(["--model_name_or_path", str(RETRIEVAL), "--output_dir", "/tmp/x", "--variants", "[fp, int3]"])
+
+
+def test_demo_base_tokenizer_is_one_token_per_character():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(ROOT / "data/models/demo-base")
+    for text in ("Copy: q p m", "x=5 c=7. What is x?", "Add 59 + 63."):
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) == len(text)
+    log = json.loads((ROOT / "data/models/demo-base/train_log.json").read_text())
+    m = log["metrics"]
+    # the built-in super weight is one the model depends on: zeroing it multiplies the document NLL
+    assert m["probe_sw_zeroed"]["nll"] > 5 * m["probe"]["nll"] and m["passkey_acc@256-512"] == 1.0
+
+
+def test_generate_task_counts_override_n_per_task_and_name_known_tasks(tmp_path):
+    from pipeline.generate import GenerateArguments, load_queries
+
+    args = GenerateArguments(output_dir=str(tmp_path), tasks=["copy", "passkey"], n_per_task=5,
+                             task_counts={"passkey": 2})
+    counts = {}
+    for q in load_queries(args):
+        counts[q.example.task] = counts.get(q.example.task, 0) + 1
+    assert counts == {"copy": 5, "passkey": 2}
+    with pytest.raises(ValueError, match="key 'task_counts'"):
+        GenerateArguments(output_dir=str(tmp_path), tasks=["copy"], task_counts={"sort": 3})

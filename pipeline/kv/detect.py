@@ -22,7 +22,6 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.io import atomic_write_json, model_fingerprint
-from pipeline.tasks.needle import prompt_of
 
 
 @torch.no_grad()
@@ -65,27 +64,28 @@ def needle_span(tokenizer, text: str, needle: str) -> tuple[list[int], tuple[int
     return enc["input_ids"], (toks[0], toks[-1] + 1)
 
 
-def wu_scores(model, tokenizer, examples, max_new_tokens: int | None = None) -> dict:
-    """Retrieval score per (layer, query head) over `examples` (needle = the answer's text in the prompt)."""
+def wu_scores(model, tokenizer, examples, max_new_tokens: int | None = None, chat: bool = False,
+              system_prompt: str | None = None) -> dict:
+    """Retrieval score per (layer, query head) over `examples` (needle = the answer's text in the prompt). With
+    `chat`, the prompt goes through the chat template and the reply (which may quote the needle sentence first)
+    counts where it ends on the right `Answer:` line."""
+    from pipeline.kv.evaluate import answer_of, prompt_text
+
     if model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")  # attention weights are needed
     model.eval()
     total = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads)
     n_ok = 0
     for ex in examples:
-        text = prompt_of(ex)
+        text = prompt_text(tokenizer, ex, chat, system_prompt)
         ids, span = needle_span(tokenizer, text, ex.answer)
-        n = max_new_tokens or (span[1] - span[0] + 2)
+        n = max_new_tokens or (span[1] - span[0] + (48 if chat else 2))
         gen, hits = head_hits(model, ids, span, n, tokenizer.eos_token_id)
-        if answer_ok(tokenizer.decode(gen, skip_special_tokens=True), ex.answer):
+        if answer_of(tokenizer.decode(gen, skip_special_tokens=True), chat) == ex.answer:
             total += hits
             n_ok += 1
     scores = total / max(n_ok, 1)
     return {"scores": scores.tolist(), "n_prompts": len(examples), "n_success": n_ok}
-
-
-def answer_ok(completion: str, answer: str) -> bool:
-    return completion.strip().split("\n")[0].strip() == answer
 
 
 def kv_scores(scores: list[list[float]], num_kv_heads: int) -> list[list[float]]:
@@ -227,6 +227,9 @@ class DetectArguments:
     depths: list[float] = dataclasses.field(default_factory=lambda: [0.1, 0.5, 0.9])
     per_cell: int = 4
     key_digits: int = 5
+    chat: bool = dataclasses.field(default=False, metadata={
+        "help": "Ask through the chat template (an aligned chat model) instead of the raw document (a base model)."})
+    system_prompt: str | None = dataclasses.field(default=None, metadata={"help": "With chat: the system message."})
     stage: str = "retrieval_heads"
 
     def __post_init__(self):
@@ -259,7 +262,7 @@ def main(argv: list[str] | None = None) -> dict:
     exs = [Passkey(key_digits=args.key_digits).make(random.Random(f"detect/{n}/{d}/{i}"), words_for_tokens(tok, n), d)
            for n in args.lengths for d in args.depths for i in range(args.per_cell)]
     t0 = time.time()
-    res = wu_scores(model, tok, exs)
+    res = wu_scores(model, tok, exs, chat=args.chat, system_prompt=args.system_prompt)
     out = Path(args.output_dir)
     reg = save_registry(out / "retrieval_heads.json", model, "wu", res["scores"], {
         "lengths": args.lengths, "depths": args.depths, "per_cell": args.per_cell, "n_prompts": res["n_prompts"],

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.tasks.base import Example
+from pipeline.tasks.base import Example, extract_answer
 from pipeline.tasks.needle import KVHaystack, Passkey, filler, prompt_of
 
 
@@ -23,11 +23,31 @@ def words_for_tokens(tokenizer, n_tokens: int) -> int:
     return max(4, int((n_tokens - 25) / per_word))
 
 
+def prompt_text(tokenizer, example, chat: bool, system_prompt: str | None = None) -> str:
+    """A base model reads the raw document and continues `Answer:`; a chat model (chat=True) gets the question as
+    a user turn (after `system_prompt`, if any) through its chat template and replies, ending on an `Answer:` line,
+    as it was aligned to."""
+    if not chat:
+        return prompt_of(example)
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return tokenizer.apply_chat_template(system + [{"role": "user", "content": example.question}],
+                                         add_generation_prompt=True, tokenize=False)
+
+
+def answer_of(completion: str, chat: bool) -> str:
+    if chat:
+        return extract_answer(completion) or ""
+    return completion.strip().split("\n")[0].strip()
+
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, examples, make_cache=None, max_new_tokens: int = 8) -> list[bool]:
-    """Greedy answers for `examples` (one batch); correct iff the first line equals the answer."""
+def generate_answers(model, tokenizer, examples, make_cache=None, max_new_tokens: int = 8, chat: bool = False,
+                     system_prompt: str | None = None) -> list[bool]:
+    """Greedy answers for `examples` (one batch); correct iff the answer (first line; chat: the `Answer:` line) equals
+    the passkey."""
     tokenizer.padding_side = "left"
-    enc = tokenizer([prompt_of(e) for e in examples], return_tensors="pt", padding=True, add_special_tokens=False)
+    enc = tokenizer([prompt_text(tokenizer, e, chat, system_prompt) for e in examples], return_tensors="pt", padding=True,
+                    add_special_tokens=False)
     kwargs = {}
     if make_cache is not None:
         cache = make_cache()
@@ -36,7 +56,7 @@ def generate_answers(model, tokenizer, examples, make_cache=None, max_new_tokens
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, **kwargs)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    return [t.strip().split("\n")[0].strip() == e.answer for t, e in zip(texts, examples)]
+    return [answer_of(t, chat) == e.answer for t, e in zip(texts, examples)]
 
 
 def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5):
@@ -47,14 +67,17 @@ def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, see
 
 
 def niah_grid(model, tokenizer, lengths, depths, n_per_cell: int, make_cache=None, task: str = "passkey",
-              seed: int = 0, key_digits: int = 5) -> list[list[float]]:
+              seed: int = 0, key_digits: int = 5, chat: bool = False,
+              system_prompt: str | None = None) -> list[list[float]]:
     """Accuracy[length][depth]."""
     grid = []
     for n_tokens in lengths:
         row = []
         for depth in depths:
             exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits)
-            row.append(sum(generate_answers(model, tokenizer, exs, make_cache)) / n_per_cell)
+            # a chat reply quotes the needle before its Answer line (the worked-steps style)
+            new = 2 * key_digits + 40 if chat else 8
+            row.append(sum(generate_answers(model, tokenizer, exs, make_cache, new, chat, system_prompt)) / n_per_cell)
         grid.append(row)
     return grid
 
