@@ -240,6 +240,9 @@ def load_train_data(args: DataArguments, stage: Stage, source: str, seed: int = 
         train = train.shuffle(seed=seed)
     if args.eval_split_size is not None:
         size = int(args.eval_split_size) if args.eval_split_size >= 1 else args.eval_split_size
+        if isinstance(size, int) and size >= len(train):
+            raise RecipeError(f"{source}: key 'eval_split_size' ({size} rows held out) leaves no training rows: the "
+                              f"data has {len(train)}")
         split = train.train_test_split(test_size=size, seed=seed)
         train, eval_ds = split["train"], split["test"]
     if args.max_train_samples is not None:

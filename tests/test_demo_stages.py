@@ -130,3 +130,15 @@ def test_generate_task_counts_override_n_per_task_and_name_known_tasks(tmp_path)
     assert counts == {"copy": 5, "passkey": 2}
     with pytest.raises(ValueError, match="key 'task_counts'"):
         GenerateArguments(output_dir=str(tmp_path), tasks=["copy"], task_counts={"sort": 3})
+
+
+def test_eval_split_size_that_leaves_no_training_rows_is_one_clear_error(dpo_jsonl):
+    from pipeline.config import DataArguments
+    from pipeline.data import load_train_data
+
+    args = DataArguments(dataset_name=str(dpo_jsonl), eval_split_size=64)  # the file has 64 pairs
+    with pytest.raises(RecipeError, match=r"key 'eval_split_size' \(64 rows held out\) leaves no training rows: "
+                                          r"the data has 64"):
+        load_train_data(args, "dpo", "recipe.yaml")
+    train, held_out = load_train_data(DataArguments(dataset_name=str(dpo_jsonl), eval_split_size=8), "dpo", "r")
+    assert (len(train), len(held_out)) == (56, 8)

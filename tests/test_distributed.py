@@ -29,6 +29,8 @@ def test_two_processes(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path, config, s
            "--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(data),
            "--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--per_device_train_batch_size", "4",
            "--max_length", "96", "--logging_steps", "1", "--save_steps", "100"]
+    if stage == "dpo":  # the recipe holds out 64 pairs; the test data has 64
+        cmd += ["--eval_split_size", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "stage_result.json").read_text())
