@@ -195,7 +195,7 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
              f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}. Re-run: `python -m pipeline.run --config "
              f"{state.get('_source', '')}`.", "",
              "| stage | status | wall time | output | logs | key metrics |", "|---|---|---|---|---|---|"]
-    accuracy_rows = []
+    accuracy_rows, kv_bytes = [], {}
     for stage in stages:
         s = state.get(stage.name, {})
         result = read_stage_result(stage_output_dir(stage)) or {}
@@ -206,6 +206,7 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
         acc = {k: v for k, v in metrics.items() if "accuracy" in k and isinstance(v, (int, float))}
         if acc:
             accuracy_rows.append((stage.name, acc))
+        kv_bytes.update({k: v for k, v in metrics.items() if k.startswith("kv_bytes_ratio@")})
     if accuracy_rows:
         cols = sorted({k for _, acc in accuracy_rows for k in acc})
         lines += ["", "## Held-out accuracy after each stage", "",
@@ -213,9 +214,7 @@ def write_report(recipe: PipelineRecipe, stages: list[Stage], state: dict, path:
         for name, acc in accuracy_rows:
             lines.append(f"| {name} | " + " | ".join(_fmt(acc[c]) if c in acc else "-" for c in cols) + " |")
         per_task = [c for c in cols if c.startswith("accuracy/") and not c.startswith("accuracy/test_")]
-        every = {k: v for _, acc in accuracy_rows for k, v in acc.items()}
-        every.update({k: v for st in stages for k, v in ((read_stage_result(stage_output_dir(st)) or {})
-                                                          .get("metrics", {}).items()) if k.startswith("kv_bytes_ratio@")})
+        every = {k: v for _, acc in accuracy_rows for k, v in acc.items()} | kv_bytes
         if per_task and plot_accuracy(accuracy_rows, per_task, path.with_suffix(".png"), every):
             lines += ["", f"![held-out accuracy by task after each stage]({path.with_suffix('.png').name})"]
     lines += ["", "## All metrics", ""]

@@ -1,8 +1,8 @@
 """The tiny staged recipe (recipes/tiny/pipeline.yaml) with several training seeds: mean ± std per stage and task.
 
 Every path under outputs/tiny/ in the recipe and its stage recipes is moved to <out>/seed<k>/, and every stage that
-has a `seed` key gets seed + k (the generated data and the held-out sets stay the same). Then the per-seed
-reports are gathered into benchmarks/demo.json and a chart benchmarks/demo.png.
+has a `seed` key gets seed + k (the generated data and the pairs too; the held-out test sets stay the same). Then
+the per-seed reports are gathered into benchmarks/demo.json and a chart benchmarks/demo.png.
 
     OMP_NUM_THREADS=1 python scripts/bench_demo.py --seeds 0 1 2        # two seeds at a time on 2 cores
 """
@@ -58,8 +58,15 @@ def main():
     args = ap.parse_args()
     base = yaml.safe_load((ROOT / args.config).read_text())
     recipes, procs, t0, seconds = {}, {}, {}, {}
+
+    def running() -> int:  # and records each finished seed's wall time when it is first seen done
+        for j, p in procs.items():
+            if p.poll() is not None and j not in seconds:
+                seconds[j] = round(time.time() - t0[j], 1)
+        return sum(p.poll() is None for p in procs.values())
+
     for k in args.seeds:  # a finished seed's stages return at once on a rerun (the runner resumes)
-        while sum(p.poll() is None for p in procs.values()) >= args.jobs:
+        while running() >= args.jobs:
             time.sleep(2)
         out = Path(args.out) / f"seed{k}"
         recipes[k] = seeded_recipe(base, out, k)
@@ -70,10 +77,7 @@ def main():
         with open(out / "bench.log", "a") as log:
             procs[k] = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--config", str(path)], cwd=ROOT,
                                         stdout=log, stderr=subprocess.STDOUT)
-    while any(p.poll() is None for p in procs.values()):
-        for k, p in procs.items():
-            if p.poll() is not None and k not in seconds:
-                seconds[k] = round(time.time() - t0[k], 1)
+    while running():
         time.sleep(2)
     failed = [k for k, p in procs.items() if p.returncode]
     if failed:
@@ -87,7 +91,7 @@ def main():
         state = json.loads((Path(args.out) / f"seed{k}" / "run_state.json").read_text())
         stage_s = {name: st["seconds"] for name, st in state.items() if isinstance(st, dict) and "seconds" in st}
         # stages' own times (a rerun that skips finished stages keeps them); wall = this call's time for the seed
-        runs[k] = {"wall_seconds": seconds.get(k, round(time.time() - t0[k], 1)), "stage_seconds": stage_s,
+        runs[k] = {"wall_seconds": seconds[k], "stage_seconds": stage_s,
                    "stages_total_seconds": round(sum(stage_s.values()), 1), "metrics": metrics}
     summary = {}
     for stage in runs[args.seeds[0]]["metrics"]:

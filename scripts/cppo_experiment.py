@@ -86,7 +86,6 @@ def run_method(work: Path, policy: Path, method: str, seed: int, args) -> dict:
             # a given --policy (the demo's aligned model) is run under the prompt it is deployed with.
             "--system_prompt", args.system_prompt or "null", "--max_completion_length", str(args.max_completion_length),
             "--per_device_train_batch_size", "32", "--num_generations", "8"]
-
     argv += METHODS[method](args)
     cppo.main(argv)  # returns at once if this run is already complete (reruns re-summarise)
     report = json.loads((out / "forgetting.json").read_text())

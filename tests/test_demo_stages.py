@@ -142,3 +142,24 @@ def test_eval_split_size_that_leaves_no_training_rows_is_one_clear_error(dpo_jso
         load_train_data(args, "dpo", "recipe.yaml")
     train, held_out = load_train_data(DataArguments(dataset_name=str(dpo_jsonl), eval_split_size=8), "dpo", "r")
     assert (len(train), len(held_out)) == (56, 8)
+
+
+def test_report_chart_adds_kv_and_quant_panels(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
+    from pipeline import run
+
+    rows = [("sft", {"accuracy/copy": 1.0, "accuracy/add": 0.8}), ("dpo", {"accuracy/copy": 0.9, "accuracy/add": 0.85})]
+    metrics = {"niah_acc/full": 0.7, "niah_acc/retrieval_heads": 0.1, "kv_bytes_ratio@512/retrieval_heads": 0.26,
+               "quant_accuracy/fp": 0.96, "quant_accuracy/rtn": 0.0}
+    axes_seen, real_subplots = [], plt.subplots
+
+    def subplots(*args, **kwargs):  # count the panels each chart gets
+        fig, axes = real_subplots(*args, **kwargs)
+        axes_seen.append(axes.size)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", subplots)
+    assert run.plot_accuracy(rows, ["accuracy/add", "accuracy/copy"], tmp_path / "r.png", metrics)
+    assert run.plot_accuracy(rows, ["accuracy/add", "accuracy/copy"], tmp_path / "plain.png")
+    assert axes_seen == [3, 1] and (tmp_path / "r.png").stat().st_size > 0

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.io import atomic_write_json, model_fingerprint
+from pipeline.kv.evaluate import answer_of, prompt_text
 
 
 @torch.no_grad()
@@ -69,8 +70,6 @@ def wu_scores(model, tokenizer, examples, max_new_tokens: int | None = None, cha
     """Retrieval score per (layer, query head) over `examples` (needle = the answer's text in the prompt). With
     `chat`, the prompt goes through the chat template and the reply (which may quote the needle sentence first)
     counts where it ends on the right `Answer:` line."""
-    from pipeline.kv.evaluate import answer_of, prompt_text
-
     if model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")  # attention weights are needed
     model.eval()
