@@ -268,12 +268,15 @@ def score(queries, candidates, replies, judge, cache, args) -> dict[str, list[fl
 
 def warn_identical_samples(queries, candidates, replies, teachers, n_samples: int) -> int:
     """Queries for which some teacher gave n_samples identical replies (a server that decodes greedily, e.g.
-    `transformers serve` with a model whose generation config has do_sample false): they give no DPO pair."""
-    if n_samples < 2:
+    `transformers serve` with a model whose generation config has do_sample false): they give no DPO pair. Only
+    endpoints asked to sample are counted: the oracle is deterministic by design, and a local model samples
+    whenever its temperature is > 0 (identical samples there are its confidence, not a server setting)."""
+    endpoints = [t for t in teachers if getattr(t, "base_url", None) and getattr(t, "temperature", 0) > 0]
+    if n_samples < 2 or not endpoints:
         return 0
     n = 0
     for q in queries:
-        for t in teachers:
+        for t in endpoints:
             texts = [replies[r.key] for name, r in candidates[q.id] if name == t.name]
             if len(set(texts)) == 1:
                 n += 1

@@ -154,7 +154,18 @@ def load_model(path: str, model_args: ModelArguments, training_args):
         disable_cpu_packing(model)
     if training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False):
         model.config.use_cache = False
+    serve_declared_attention(model, model_args)
     return model
+
+
+def serve_declared_attention(model, model_args: ModelArguments | None = None) -> None:
+    """A model trained with streaming heads (pipeline/kv/streaming_heads.py) runs with the attention it declares."""
+    from pipeline.kv.streaming_heads import use_declared_attention
+
+    if use_declared_attention(model) and model_args is not None and model_args.attn_implementation:
+        logger.warning("key 'attn_implementation' %s is not used: the model declares streaming heads "
+                       "(config.streaming_heads) and runs with the attention it was trained for",
+                       model_args.attn_implementation)
 
 
 def _load_preserving_super_weights(path: str, model_args: ModelArguments, training_args):
@@ -178,6 +189,7 @@ def _load_preserving_super_weights(path: str, model_args: ModelArguments, traini
     logger.info("super weights kept exact: %s", [(s["layer"], s["row"], s["col"]) for s in registry["super_weights"]])
     if training_args.gradient_checkpointing:
         model.config.use_cache = False
+    serve_declared_attention(model, model_args)
     return model
 
 

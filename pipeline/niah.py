@@ -27,7 +27,11 @@ class NiahArguments:
     output_dir: str = "outputs/tiny/niah"
     registry: str | None = dataclasses.field(
         default=None, metadata={"help": "Retrieval-head registry JSON. Default: <model>/retrieval_heads.json."})
-    full_heads: int | None = dataclasses.field(default=None, metadata={"help": "KV heads kept whole (count)."})
+    full_heads_from: str = dataclasses.field(default="registry", metadata={
+        "help": "'registry': the top full_heads of the registry; 'model': the heads a model trained with streaming "
+                "heads declares (config.streaming_heads; sink, window and prefill: local must match it)."})
+    full_heads: int | None = dataclasses.field(default=None, metadata={
+        "help": "KV heads kept whole (count; with full_heads_from: model, the count it declares)."})
     full_fraction: float | None = dataclasses.field(
         default=None, metadata={"help": "KV heads kept whole, as a fraction of all KV heads (instead of full_heads)."})
     sink: int = 4
@@ -44,10 +48,19 @@ class NiahArguments:
     system_prompt: str | None = dataclasses.field(default=None, metadata={"help": "With chat: the system message."})
 
     def __post_init__(self):
+        if self.full_heads_from not in ("registry", "model"):
+            raise ValueError(f"key 'full_heads_from' must be 'registry' or 'model', got {self.full_heads_from!r}")
+        if self.full_heads_from == "model":
+            if self.full_fraction is not None:
+                raise ValueError("key 'full_fraction': with full_heads_from: model the model declares its heads")
+            return self._check()
         if (self.full_heads is None) == (self.full_fraction is None):
             raise ValueError("set exactly one of keys 'full_heads' and 'full_fraction'")
         if self.full_fraction is not None and not 0 <= self.full_fraction <= 1:
             raise ValueError(f"key 'full_fraction' must be in [0, 1], got {self.full_fraction}")
+        self._check()
+
+    def _check(self):
         if self.prefill not in ("full", "local"):
             raise ValueError(f"key 'prefill' must be 'full' or 'local', got {self.prefill!r}")
         if self.task not in ("passkey", "kv_haystack"):
@@ -58,6 +71,26 @@ class NiahArguments:
             raise ValueError("key 'lengths' must list context lengths >= 64 tokens")
         if not self.depths or not all(0 <= d <= 1 for d in self.depths):
             raise ValueError("key 'depths' must list fractions in [0, 1]")
+
+
+def declared_heads(args: NiahArguments, cfg, source: str) -> list[list[int]]:
+    """The full heads a model trained with streaming heads declares; the recipe's cache must be the one it was
+    trained for."""
+    spec = getattr(cfg, "streaming_heads", None)
+    if not spec:
+        raise RecipeError(f"{source}: key 'full_heads_from': model {args.model_name_or_path} declares no streaming "
+                          "heads (config.streaming_heads; train with the streaming_heads switch, or use 'registry')")
+    for key in ("sink", "window"):
+        if getattr(args, key) != spec[key]:
+            raise RecipeError(f"{source}: key '{key}': {getattr(args, key)}, but the model was trained with "
+                              f"{key} {spec[key]} (config.streaming_heads)")
+    if args.prefill != "local":
+        raise RecipeError(f"{source}: key 'prefill': the model was trained with streaming heads for every query; "
+                          "set prefill: local")
+    n = sum(map(len, spec["full_heads"]))
+    if args.full_heads is not None and args.full_heads != n:
+        raise RecipeError(f"{source}: key 'full_heads': {args.full_heads}, but the model declares {n}")
+    return [list(row) for row in spec["full_heads"]]
 
 
 def main(argv=None):
@@ -79,16 +112,20 @@ def main(argv=None):
     model = use_headwise_attention(AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32))
     model.eval()
     cfg = model.config
-    registry_path = args.registry or str(Path(args.model_name_or_path) / "retrieval_heads.json")
-    try:
-        reg = load_registry(registry_path, model)
-    except ValueError as e:
-        raise RecipeError(f"{source}: key 'registry': {e}") from None
     n_kv = cfg.num_hidden_layers * cfg.num_key_value_heads
-    k = args.full_heads if args.full_heads is not None else round(args.full_fraction * n_kv)
-    if not 0 <= k <= n_kv:
-        raise RecipeError(f"{source}: key 'full_heads': {k} is not in [0, {n_kv}]")
-    full = heads_by_layer(top_heads(reg["kv_scores"], k), cfg.num_hidden_layers)
+    if args.full_heads_from == "model":
+        full, registry_path = declared_heads(args, cfg, source), None
+        k = sum(map(len, full))
+    else:
+        registry_path = args.registry or str(Path(args.model_name_or_path) / "retrieval_heads.json")
+        try:
+            reg = load_registry(registry_path, model)
+        except ValueError as e:
+            raise RecipeError(f"{source}: key 'registry': {e}") from None
+        k = args.full_heads if args.full_heads is not None else round(args.full_fraction * n_kv)
+        if not 0 <= k <= n_kv:
+            raise RecipeError(f"{source}: key 'full_heads': {k} is not in [0, {n_kv}]")
+        full = heads_by_layer(top_heads(reg["kv_scores"], k), cfg.num_hidden_layers)
     none = [[] for _ in range(cfg.num_hidden_layers)]
 
     # Uniform window at equal bytes for the longest context: every head keeps sink + w tokens.
@@ -119,6 +156,7 @@ def main(argv=None):
         results[name]["kv_bytes_ratio"] = ratio
 
     # Save
+    metrics["full_heads"] = " ".join(f"L{l}H{h}" for l, row in enumerate(full) for h in row)
     atomic_write_json(Path(args.output_dir) / "niah.json", {
         "args": dataclasses.asdict(args), "full_heads": full, "uniform_window": uniform_window,
         "registry": registry_path, "results": results, "seconds": round(time.time() - t0, 1)})

@@ -234,7 +234,10 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
                 "checkpoint_offload": "checkpoints offloaded to host memory",
                 "padding_free": "chosen + rejected packed padding-free",
                 "sequence_parallel_size": f"sequence parallel over {lc_args.sequence_parallel_size} processes",
-                "gradient_as_bucket_view": "DDP gradients as bucket views"}
+                "gradient_as_bucket_view": "DDP gradients as bucket views",
+                "streaming_heads": f"streaming heads (top {lc_args.streaming_full_heads} KV heads of "
+                                   f"{lc_args.streaming_heads} whole, sink {lc_args.streaming_sink} + window "
+                                   f"{lc_args.streaming_window} for the rest)"}
             lines.append("long context: " + ", ".join(described[name] for name in on))
     if data_args.accelerate_config:
         lines.append(f"launch:       accelerate launch --config_file {data_args.accelerate_config} "

@@ -4,13 +4,17 @@ Every path under outputs/tiny/ in the recipe and its stage recipes is moved to <
 has a `seed` key gets seed + k (the generated data and the pairs too; the held-out test sets stay the same). Then
 the per-seed reports are gathered into benchmarks/demo.json and a chart benchmarks/demo.png.
 
-    OMP_NUM_THREADS=1 python scripts/bench_demo.py --seeds 0 1 2        # two seeds at a time on 2 cores
+    python scripts/bench_demo.py --seeds 0 1 2 --jobs 2        # two seeds at a time on 2 cores, one thread each
+
+`make demo` runs alone and lets torch use every core; here each seed's stages get cores / jobs threads
+(OMP_NUM_THREADS in the recipe's env), so the two runs also differ by a rounding-level change (thread count).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -27,7 +31,7 @@ from pipeline.io import atomic_write_json, read_stage_result  # noqa: E402
 PREFIX = "outputs/tiny/"
 
 
-def seeded_recipe(recipe: dict, out: Path, k: int) -> dict:
+def seeded_recipe(recipe: dict, out: Path, k: int, threads: int) -> dict:
     def move(v):  # nested too: the pairs stage's teacher is {model_name_or_path: outputs/tiny/sft, ...}
         if isinstance(v, dict):
             return {key: move(x) for key, x in v.items()}
@@ -35,7 +39,8 @@ def seeded_recipe(recipe: dict, out: Path, k: int) -> dict:
             return [move(x) for x in v]
         return str(out / v[len(PREFIX):]) if isinstance(v, str) and v.startswith(PREFIX) else v
 
-    recipe = dict(recipe, output_dir=str(out), name=f"{recipe['name']}-seed{k}")
+    recipe = dict(recipe, output_dir=str(out), name=f"{recipe['name']}-seed{k}",
+                  env={**recipe.get("env", {}), "OMP_NUM_THREADS": threads})
     stages = []
     for st in recipe["stages"]:
         cfg = yaml.safe_load((ROOT / st["config"]).read_text())
@@ -54,8 +59,10 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="outputs/bench_demo")
     ap.add_argument("--result", default="benchmarks/demo")
-    ap.add_argument("--jobs", type=int, default=2, help="seeds run at once (each demo stage uses one thread)")
+    ap.add_argument("--jobs", type=int, default=2, help="seeds run at once")
+    ap.add_argument("--threads", type=int, default=None, help="threads per seed's stages (default: cores / jobs)")
     args = ap.parse_args()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     base = yaml.safe_load((ROOT / args.config).read_text())
     recipes, procs, t0, seconds = {}, {}, {}, {}
 
@@ -69,7 +76,7 @@ def main():
         while running() >= args.jobs:
             time.sleep(2)
         out = Path(args.out) / f"seed{k}"
-        recipes[k] = seeded_recipe(base, out, k)
+        recipes[k] = seeded_recipe(base, out, k, threads)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "pipeline.yaml"
         path.write_text(yaml.safe_dump(recipes[k], sort_keys=False))
@@ -102,7 +109,8 @@ def main():
                                                     "std": statistics.stdev(vals) if len(vals) > 1 else 0.0,
                                                     "values": vals}
     atomic_write_json(Path(args.result + ".json"), {"command": "python scripts/bench_demo.py " + " ".join(sys.argv[1:]),
-                                                    "seeds": args.seeds, "runs": runs, "summary": summary})
+                                                    "seeds": args.seeds, "threads_per_seed": threads, "runs": runs,
+                                                    "summary": summary})
     plot(summary, Path(args.result + ".png"))
 
 

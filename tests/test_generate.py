@@ -490,3 +490,12 @@ def test_generated_data_trains_with_trl(tmp_path, tiny_model_dir):
     log = DPOTrainer(model=model, processing_class=tok, train_dataset=dpo,
                      args=DPOConfig(output_dir=str(tmp_path / "dpo"), **common)).train()
     assert log.training_loss > 0
+
+
+def test_deterministic_oracle_does_not_warn_of_identical_samples(tmp_path, caplog):
+    """The oracle is deterministic by design: four identical correct replies are not a server that ignores
+    temperature."""
+    metrics = _run(tmp_path, tasks=["add"], n_per_task=10, n_samples=4,
+                   teachers=[{"type": "oracle", "name": "oracle", "wrong_rate": 0.0}])
+    assert metrics["queries_identical_samples"] == 0
+    assert "samples of a teacher are identical" not in caplog.text

@@ -2,6 +2,7 @@
 
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,51 @@ def test_decode_mask_is_dropped_once_per_step_only_without_padding():
     assert decode.dtype == torch.bool and decode.shape == (2, 1, 1, 9) and not decode[0, 0, 0, 0]
     prefill = _bool_mask(batch_size=1, q_length=9, kv_length=9, attention_mask=None)
     assert prefill.shape == (1, 1, 9, 9) and torch.equal(prefill[0, 0], torch.ones(9, 9, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])  # GQA and MHA
+def test_streaming_heads_training_attention_is_what_the_local_cache_serves(kv_heads):
+    """The training attention of `streaming_heads` gives, in one full-sequence forward, the logits a
+    HeadKVCache(prefill="local") gives token by token; and it is not full attention."""
+    from pipeline.kv.streaming_heads import use_streaming_heads
+
+    model = _model(heads=4, kv_heads=kv_heads)
+    ids = torch.randint(3, 64, (2, 48), generator=torch.Generator().manual_seed(2))
+    full_heads = [[0], []]
+    with torch.no_grad():
+        plain = model(ids).logits
+        use_streaming_heads(model, full_heads, sink=2, window=6)
+        trained = model(ids).logits
+        use_headwise_attention(model)
+        served = _stepwise_logits(model, ids, HeadKVCache(model.config, full_heads, 2, 6, "local"), 20)
+    torch.testing.assert_close(trained, served, atol=1e-5, rtol=1e-4)
+    assert (trained - plain).abs().max() > 1e-2
+
+
+def test_streaming_heads_reads_a_parent_models_registry(tmp_path):
+    """A fine-tuned model trains on its parent's heads: shape is checked, weights are not."""
+    from pipeline.kv.streaming_heads import registry_heads
+
+    parent, child = _model(seed=0), _model(seed=1)
+    scores = [[0.0, 0.9, 0.0, 0.1], [0.5, 0.0, 0.0, 0.0]]
+    save_registry(tmp_path / "r.json", parent, "wu", scores, {})
+    assert registry_heads(tmp_path / "r.json", child, 2) == [[0], [0]]
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_registry(tmp_path / "r.json", child)
+    with pytest.raises(ValueError, match="num_layers"):
+        registry_heads(tmp_path / "r.json", _model(n_layers=3), 2)
+
+
+def test_chat_decode_budget_covers_the_worked_reply():
+    """A chat model quotes the needle sentence before its Answer line; with the demo base's character-level
+    tokenizer that reply is 66 tokens, and the old fixed budget (50) cut every one of them off."""
+    from transformers import AutoTokenizer
+
+    from pipeline.generation.teachers import render
+    from pipeline.kv.evaluate import niah_examples, reply_tokens
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "data/models/demo-base")
+    ex = niah_examples(tok, "passkey", 128, 0.5, 1, 0)[0]
+    reply = render(ex, "steps")
+    assert reply.endswith(f"Answer: {ex.answer}") and ex.answer in reply.splitlines()[0]
+    assert reply_tokens(tok, ex) == len(reply) > 50

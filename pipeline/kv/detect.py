@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from pipeline.io import atomic_write_json, model_fingerprint
-from pipeline.kv.evaluate import answer_of, prompt_text
+from pipeline.kv.evaluate import answer_of, prompt_text, reply_tokens
 
 
 @torch.no_grad()
@@ -70,7 +70,13 @@ def wu_scores(model, tokenizer, examples, max_new_tokens: int | None = None, cha
     """Retrieval score per (layer, query head) over `examples` (needle = the answer's text in the prompt). With
     `chat`, the prompt goes through the chat template and the reply (which may quote the needle sentence first)
     counts where it ends on the right `Answer:` line."""
-    if model.config._attn_implementation != "eager":
+    spec = getattr(model.config, "streaming_heads", None)
+    if spec:  # a model trained with streaming heads is scored with the attention it was trained for
+        from pipeline.kv.streaming_heads import use_streaming_heads
+
+        use_streaming_heads(model, spec["full_heads"], spec["sink"], spec["window"], weights=True,
+                            registry=spec.get("registry"))
+    elif model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")  # attention weights are needed
     model.eval()
     total = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads)
@@ -78,7 +84,7 @@ def wu_scores(model, tokenizer, examples, max_new_tokens: int | None = None, cha
     for ex in examples:
         text = prompt_text(tokenizer, ex, chat, system_prompt)
         ids, span = needle_span(tokenizer, text, ex.answer)
-        n = max_new_tokens or (span[1] - span[0] + (48 if chat else 2))
+        n = max_new_tokens or (reply_tokens(tokenizer, ex) + 8 if chat else span[1] - span[0] + 2)
         gen, hits = head_hits(model, ids, span, n, tokenizer.eos_token_id)
         if answer_of(tokenizer.decode(gen, skip_special_tokens=True), chat) == ex.answer:
             total += hits
@@ -162,8 +168,9 @@ def save_registry(path, model, method: str, scores: list[list[float]], settings:
     return reg
 
 
-def load_registry(path, model=None) -> dict:
-    """Read a registry; with `model`, refuse one computed for another model (fingerprint/shape mismatch)."""
+def load_registry(path, model=None, same_weights: bool = True) -> dict:
+    """Read a registry; with `model`, refuse one computed for another model (shape mismatch and, with
+    `same_weights`, fingerprint mismatch: False for a model fine-tuned from the scored one)."""
     path = Path(path)
     try:
         reg = json.loads(path.read_text())
@@ -179,7 +186,7 @@ def load_registry(path, model=None) -> dict:
         if (reg["num_layers"], reg["num_kv_heads"]) != (cfg.num_hidden_layers, cfg.num_key_value_heads):
             raise ValueError(f"{path}: key 'num_layers'/'num_kv_heads' ({reg['num_layers']}, {reg['num_kv_heads']}) "
                              f"do not match the model ({cfg.num_hidden_layers}, {cfg.num_key_value_heads})")
-        if reg["fingerprint"] != model_fingerprint(model):
+        if same_weights and reg["fingerprint"] != model_fingerprint(model):
             raise ValueError(f"{path}: key 'fingerprint' {reg['fingerprint']} is not this model's "
                              f"({model_fingerprint(model)}); re-run detection")
     return reg

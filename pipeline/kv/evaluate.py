@@ -59,6 +59,15 @@ def generate_answers(model, tokenizer, examples, make_cache=None, max_new_tokens
     return [answer_of(t, chat) == e.answer for t, e in zip(texts, examples)]
 
 
+def reply_tokens(tokenizer, example) -> int:
+    """Tokens of the longest reply a chat model was aligned to give (the worked-steps style quotes the needle
+    before its Answer line): the decode budget, counted in this tokenizer's tokens (a character-level one needs
+    several times a BPE one's)."""
+    from pipeline.generation.teachers import render
+
+    return len(tokenizer(render(example, "steps"), add_special_tokens=False)["input_ids"])
+
+
 def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5):
     rng = random.Random(f"niah/{task}/{n_tokens}/{depth}/{seed}")
     words = words_for_tokens(tokenizer, n_tokens)
@@ -75,8 +84,7 @@ def niah_grid(model, tokenizer, lengths, depths, n_per_cell: int, make_cache=Non
         row = []
         for depth in depths:
             exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits)
-            # a chat reply quotes the needle before its Answer line (the worked-steps style)
-            new = 2 * key_digits + 40 if chat else 8
+            new = max(reply_tokens(tokenizer, e) for e in exs) + 8 if chat else 8
             row.append(sum(generate_answers(model, tokenizer, exs, make_cache, new, chat, system_prompt)) / n_per_cell)
         grid.append(row)
     return grid

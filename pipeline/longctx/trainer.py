@@ -11,6 +11,8 @@ unchanged: a stage is then plain TRL. Each switch is one opt-in piece:
 - `sequence_parallel_size`: every sequence sharded over this many processes, DeepSpeed's Ulysses attention (ulysses.py),
   under DDP or any DeepSpeed ZeRO stage
 - `gradient_as_bucket_view`: DDP's gradients are views of its all-reduce buckets (here)
+- `streaming_heads`: train with the attention a head-level KV cache serves: a registry's top heads see everything,
+  the others a sink and a recent window (pipeline/kv/streaming_heads.py)
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import contextlib
 import dataclasses
 import importlib.util
 import os
+from pathlib import Path
 
 import torch
 import trl.trainer.utils as trl_utils
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from pipeline.kv.streaming_heads import registry_heads, use_streaming_heads
 from pipeline.longctx.fused_forward import wrap_fused_forward
 from pipeline.longctx.offload import offload_decoder, offload_saved_tensors
 from pipeline.longctx.rmsnorm import SUPPORTED as RMSNORM_CLASSES
@@ -72,6 +76,16 @@ class LongContextArguments:
         metadata={"help": "Shard every sequence across this many processes (DeepSpeed's Ulysses all-to-all attention, "
                   "SDPA per packed sequence in between). Must divide the world size and the query and KV head counts. "
                   "Under DDP or DeepSpeed ZeRO-1/2/3 (with offload), which shard the model states as well."})
+    streaming_heads: str | None = dataclasses.field(
+        default=None,
+        metadata={"help": "A retrieval-head registry (JSON, from pipeline.kv.detect on this model or the one it is "
+                  "fine-tuned from): train with the attention HeadKVCache(prefill: local) serves. Its top "
+                  "streaming_full_heads KV heads attend to everything, every other KV head only to the first "
+                  "streaming_sink and last streaming_window positions, so long-range reads are learnt through "
+                  "the heads whose K/V the cache keeps (pipeline/kv/streaming_heads.py)."})
+    streaming_full_heads: int = dataclasses.field(default=4, metadata={"help": "KV heads kept whole (count)."})
+    streaming_sink: int = dataclasses.field(default=16, metadata={"help": "Sink positions of a streaming head."})
+    streaming_window: int = dataclasses.field(default=64, metadata={"help": "Recent positions of a streaming head."})
     gradient_as_bucket_view: bool = dataclasses.field(
         default=False,
         metadata={"help": "DDP: gradients are views of DDP's all-reduce buckets instead of a second copy (one "
@@ -84,6 +98,8 @@ class LongContextArguments:
             raise ValueError("key 'loss_vocab_chunk' must be >= 1")
         if self.sequence_parallel_size < 1:
             raise ValueError("key 'sequence_parallel_size' must be >= 1")
+        if self.streaming_full_heads < 0 or self.streaming_sink < 0 or self.streaming_window < 1:
+            raise ValueError("keys 'streaming_full_heads' and 'streaming_sink' must be >= 0, 'streaming_window' >= 1")
 
     def active_on_model(self) -> bool:
         """Whether a switch depends on the model's architecture (checked from its config before loading)."""
@@ -97,6 +113,8 @@ class LongContextArguments:
             on.append("loss_vocab_chunk")
         if self.sequence_parallel_size > 1:
             on.append("sequence_parallel_size")
+        if self.streaming_heads:
+            on.append("streaming_heads")
         if getattr(training_args, "padding_free", False) and hasattr(training_args, "beta"):
             on.append("padding_free")
         return on
@@ -117,6 +135,11 @@ def check_switches(lc_args: LongContextArguments, training_args, zero_stage: int
     if sp > 1 and not training_args.average_tokens_across_devices:
         return ("key 'sequence_parallel_size' > 1 needs 'average_tokens_across_devices: true': the ranks of a "
                 "sequence-parallel group must scale the shared loss by the same token count")
+    if lc_args.streaming_heads and (sp > 1 or getattr(training_args, "padding_free", False)):
+        return ("key 'streaming_heads' sets its own attention: it does not combine with padding_free or "
+                "sequence_parallel_size > 1 yet")
+    if lc_args.streaming_heads and not Path(lc_args.streaming_heads).is_file():
+        return f"key 'streaming_heads': registry {lc_args.streaming_heads} not found"
     if lc_args.gradient_as_bucket_view and zero_stage is not None:
         return f"key 'gradient_as_bucket_view' is for DDP: DeepSpeed ZeRO-{zero_stage} keeps its own buffers (drop it)"
     return None
@@ -197,6 +220,11 @@ def long_context_trainer(trainer_cls, lc_args: LongContextArguments, training_ar
                     patch_tiled_mlp(base, lc_args.tiled_mlp_tile_tokens)
                 if lc_args.lean_rmsnorm:
                     patch_rmsnorm(base, lc_args.tiled_mlp_tile_tokens)
+                if lc_args.streaming_heads and not getattr(base, "_streaming_set", False):
+                    heads = registry_heads(lc_args.streaming_heads, base, lc_args.streaming_full_heads)
+                    use_streaming_heads(base, heads, lc_args.streaming_sink, lc_args.streaming_window,
+                                        registry=lc_args.streaming_heads)
+                    base._streaming_set = True
                 if lc_args.checkpoint_offload and is_deepspeed_zero3_enabled():
                     offload_decoder(base)
                 if wrap and (self._sp_group is not None or self._pack) and not getattr(base, "_longctx_wrapped", False):

@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.quant.detect import confirm_super_weights, detect_super_weights, down_projs, encode_prompt, DEFAULT_PROMPT
     from pipeline.quant.qlora import load_quantized_preserving_super_weights
     from pipeline.quant.registry import make_registry, save_registry
+    from pipeline.kv.streaming_heads import use_declared_attention
     from pipeline.quant.rtn import quantize_model_rtn
 
     t0 = time.time()
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> dict:
     nll_examples = held_out(args.tasks, 20, split="dev")
 
     def load():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        use_declared_attention(model)  # a model trained with streaming heads runs with them
+        return model
 
     def measure(model) -> dict:
+        use_declared_attention(model)
         acc = accuracy(score(model, tok, examples, args.system_prompt, args.batch_size, args.max_new_tokens))
         return {"accuracy": round(acc["accuracy/mean"], 4), "nll": round(reply_nll(model, tok, nll_examples, args.system_prompt), 4),
                 **{k.split("/")[1]: round(v, 4) for k, v in acc.items() if k != "accuracy/mean"}}
