@@ -171,3 +171,10 @@ def test_niah_stage_compresses_with_the_declared_heads(trained, tmp_path):
     assert set(metrics) >= {"niah_acc/full", "niah_acc/retrieval_heads", "niah_acc/uniform_window"}
     saved = json.loads((tmp_path / "niah.json").read_text())
     assert saved["full_heads"] == [[1], []] and saved["registry"] is None
+
+
+def test_a_registry_of_another_shape_is_refused_before_the_weights_load(tiny_model_dir, capsys, monkeypatch):
+    [line] = _errors(["--config", "recipes/tiny/sft.yaml", "--model_name_or_path", str(tiny_model_dir),
+                      "--output_dir", "/nonexistent/never-written"], capsys, monkeypatch)
+    assert line == ("error: recipes/tiny/sft.yaml: key 'streaming_heads': data/models/demo-base/retrieval_heads.json "
+                    "scores 4 layers x 8 KV heads, the model has 2 x 2")

@@ -103,7 +103,7 @@ class LongContextArguments:
 
     def active_on_model(self) -> bool:
         """Whether a switch depends on the model's architecture (checked from its config before loading)."""
-        return self.tiled_mlp or self.lean_rmsnorm or self.sequence_parallel_size > 1
+        return self.tiled_mlp or self.lean_rmsnorm or self.sequence_parallel_size > 1 or bool(self.streaming_heads)
 
     def active(self, training_args) -> list[str]:
         """The switches this recipe turns on (DPO's padding_free is ours: TRL 1.16 ignores it)."""
@@ -157,6 +157,19 @@ def check_model(config, lc_args: LongContextArguments) -> str | None:
             check_heads(config, lc_args.sequence_parallel_size)
         except ValueError as e:
             return f"key 'sequence_parallel_size': {e}"
+    if lc_args.streaming_heads:
+        from pipeline.kv.detect import load_registry
+
+        try:
+            reg = load_registry(lc_args.streaming_heads)
+        except ValueError as e:
+            return f"key 'streaming_heads': {e}"
+        shape = (text.num_hidden_layers, text.num_key_value_heads)
+        if (reg["num_layers"], reg["num_kv_heads"]) != shape:
+            return (f"key 'streaming_heads': {lc_args.streaming_heads} scores {reg['num_layers']} layers x "
+                    f"{reg['num_kv_heads']} KV heads, the model has {shape[0]} x {shape[1]}")
+        if not 0 <= lc_args.streaming_full_heads <= shape[0] * shape[1]:
+            return f"key 'streaming_full_heads': {lc_args.streaming_full_heads} is not in [0, {shape[0] * shape[1]}]"
     return None
 
 
