@@ -115,6 +115,8 @@ def main():
 
 
 def plot(summary: dict, path: Path) -> None:
+    """Held-out accuracy by task after each stage; beside it NIAH accuracy per KV-cache policy (with the bytes each
+    keeps) and accuracy per quantization variant; mean ± std over the seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +126,12 @@ def plot(summary: dict, path: Path) -> None:
     if not rows:
         return
     tasks = sorted({k for _, m in rows for k in m if k.startswith("accuracy/") and k != "accuracy/mean"})
-    fig, ax = plt.subplots(figsize=(1.4 * len(tasks) + 2, 3.5))
+    niah = {k.split("/", 1)[1]: v for k, v in summary.get("niah", {}).items() if k.startswith("niah_acc/")}
+    quant = {k.split("/", 1)[1]: v for k, v in summary.get("quant", {}).items() if k.startswith("quant_accuracy/")}
+    panels = [p for p in (niah, quant) if p]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(1.4 * len(tasks) + 2 + 3.5 * len(panels), 3.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.4 * len(tasks) + 2] + [3.5] * len(panels)})
+    ax = axes[0][0]
     w = 0.8 / len(rows)
     for i, (name, m) in enumerate(rows):
         ax.bar([j + i * w for j in range(len(tasks))], [m.get(t, {}).get("mean", 0) for t in tasks], w,
@@ -132,6 +139,15 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(tasks))], [t.split("/", 1)[1] for t in tasks])
     ax.set(ylim=(0, 1), ylabel="held-out accuracy (mean ± std over seeds)")
     ax.legend(fontsize=7, ncol=2)
+    for pax, values, title in zip(axes[0][1:], panels, ["NIAH (chat), by KV cache", "quantized aligned model"]):
+        labels = list(values)
+        if values is niah:  # the bytes each policy keeps, from the same runs
+            ratio = {k.rsplit("/", 1)[1]: v["mean"] for k, v in summary["niah"].items() if k.startswith("kv_bytes_ratio@")}
+            labels = [f"{p}\n({ratio.get(p, 1.0):.2f} of KV bytes)" for p in values]
+        pax.bar(range(len(values)), [v["mean"] for v in values.values()], yerr=[v["std"] for v in values.values()],
+                color="tab:gray", capsize=2)
+        pax.set_xticks(range(len(values)), labels, rotation=30, ha="right", fontsize=7)
+        pax.set(ylim=(0, 1), title=title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

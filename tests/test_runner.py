@@ -121,8 +121,11 @@ def test_killed_runner_ends_its_stage(tmp_path, sig):
     pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
         {"name": "sleepy", "module": "tests.sleepy_stage", "config": str(recipe),
          "args": {"pid_file": str(pid_file), "output_dir": str(tmp_path / "out/sleepy")}}]}))
+    # A job a non-interactive shell started with `&` inherits SIGINT ignored (and so would this runner): give it
+    # the default disposition a foreground runner has, so that Python turns SIGINT into KeyboardInterrupt.
     runner = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--config", str(pipeline)], cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not (pid_file.is_file() and pid_file.read_text().endswith("\n")) and time.time() < deadline:
         time.sleep(0.1)
