@@ -25,9 +25,9 @@ def load_for_generation(path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cuda = torch.cuda.is_available()
     from pipeline.kv.streaming_heads import use_declared_attention
 
+    cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(path, dtype="auto" if cuda else torch.float32)
     use_declared_attention(model)  # a model trained with streaming heads runs with them
     return model.to("cuda" if cuda else "cpu").eval(), AutoTokenizer.from_pretrained(path)

@@ -83,10 +83,10 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.evaluate import accuracy, held_out, score
+    from pipeline.kv.streaming_heads import use_declared_attention
     from pipeline.quant.detect import confirm_super_weights, detect_super_weights, down_projs, encode_prompt, DEFAULT_PROMPT
     from pipeline.quant.qlora import load_quantized_preserving_super_weights
     from pipeline.quant.registry import make_registry, save_registry
-    from pipeline.kv.streaming_heads import use_declared_attention
     from pipeline.quant.rtn import quantize_model_rtn
 
     t0 = time.time()
