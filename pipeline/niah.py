@@ -160,7 +160,10 @@ def main(argv=None):
     atomic_write_json(Path(args.output_dir) / "niah.json", {
         "args": dataclasses.asdict(args), "full_heads": full, "uniform_window": uniform_window,
         "registry": registry_path, "results": results, "seconds": round(time.time() - t0, 1)})
-    write_stage_result(args.output_dir, "niah", metrics, {"report": str(Path(args.output_dir) / "niah.json")})
+    artifacts = {"report": str(Path(args.output_dir) / "niah.json"),
+                 "kv_cache": (f"use_headwise_attention(model); HeadKVCache(model.config, {full}, sink={args.sink}, "
+                              f"window={args.window}, prefill='{args.prefill}') as past_key_values (pipeline.kv.cache)")}
+    write_stage_result(args.output_dir, "niah", metrics, artifacts)
     return metrics
 
 

@@ -31,11 +31,23 @@ def test_two_processes(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path, config, s
            "--max_length", "96", "--logging_steps", "1", "--save_steps", "100"]
     if stage == "dpo":  # the recipe holds out 64 pairs; the test data has 64
         cmd += ["--eval_split_size", "8"]
+    else:  # the tiny SFT recipe trains streaming heads (its registry is the demo base's): this model's own
+        from transformers import AutoModelForCausalLM
+
+        from pipeline.kv.detect import save_registry
+
+        save_registry(tmp_path / "heads.json", AutoModelForCausalLM.from_pretrained(tiny_model_dir), "wu",
+                      [[0.0, 0.0, 0.9, 0.0], [0.0, 0.0, 0.0, 0.0]], {})
+        cmd += ["--streaming_heads", str(tmp_path / "heads.json"), "--streaming_full_heads", "1",
+                "--streaming_sink", "2", "--streaming_window", "8"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "out" / "stage_result.json").read_text())
     assert result["metrics"]["world_size"] == 2 and result["metrics"]["global_step"] == 2
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    if stage == "sft":  # every rank trained with them, and the saved model declares them
+        config = json.loads((tmp_path / "out" / "config.json").read_text())
+        assert config["streaming_heads"]["full_heads"] == [[1], []]
 
 
 
