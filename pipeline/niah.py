@@ -106,6 +106,7 @@ def main(argv=None):
     from pipeline.kv.cache import HeadKVCache, expected_bytes, use_headwise_attention
     from pipeline.kv.detect import heads_by_layer, load_registry, top_heads
     from pipeline.kv.evaluate import niah_grid, plot_grid
+    from pipeline.kv.streaming_heads import describe
 
     # Model + budget
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
@@ -156,7 +157,7 @@ def main(argv=None):
         results[name]["kv_bytes_ratio"] = ratio
 
     # Save
-    metrics["full_heads"] = " ".join(f"L{l}H{h}" for l, row in enumerate(full) for h in row)
+    metrics["full_heads"] = describe(full)
     atomic_write_json(Path(args.output_dir) / "niah.json", {
         "args": dataclasses.asdict(args), "full_heads": full, "uniform_window": uniform_window,
         "registry": registry_path, "results": results, "seconds": round(time.time() - t0, 1)})

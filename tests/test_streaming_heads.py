@@ -178,3 +178,21 @@ def test_a_registry_of_another_shape_is_refused_before_the_weights_load(tiny_mod
                       "--output_dir", "/nonexistent/never-written"], capsys, monkeypatch)
     assert line == ("error: recipes/tiny/sft.yaml: key 'streaming_heads': data/models/demo-base/retrieval_heads.json "
                     "scores 4 layers x 8 KV heads, the model has 2 x 2")
+
+
+def test_wu_detection_scores_a_declaring_model_under_its_own_attention(trained):
+    """Retrieval-head detection (the demo's heads stage) runs a declaring model with its streaming heads and
+    their attention weights, not with eager full attention."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from pipeline.kv.detect import wu_scores
+    from pipeline.tasks.needle import Passkey
+
+    out, _, _ = trained
+    model, tok = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    exs = [Passkey(key_digits=3).make(random.Random(i), 30, 0.5) for i in range(2)]
+    res = wu_scores(model, tok, exs, max_new_tokens=4)
+    assert is_streaming(model) and res["n_prompts"] == 2
+    assert len(res["scores"]) == 2 and len(res["scores"][0]) == model.config.num_attention_heads

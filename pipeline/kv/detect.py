@@ -70,13 +70,10 @@ def wu_scores(model, tokenizer, examples, max_new_tokens: int | None = None, cha
     """Retrieval score per (layer, query head) over `examples` (needle = the answer's text in the prompt). With
     `chat`, the prompt goes through the chat template and the reply (which may quote the needle sentence first)
     counts where it ends on the right `Answer:` line."""
-    spec = getattr(model.config, "streaming_heads", None)
-    if spec:  # a model trained with streaming heads is scored with the attention it was trained for
-        from pipeline.kv.streaming_heads import use_streaming_heads
+    from pipeline.kv.streaming_heads import use_declared_attention
 
-        use_streaming_heads(model, spec["full_heads"], spec["sink"], spec["window"], weights=True,
-                            registry=spec.get("registry"))
-    elif model.config._attn_implementation != "eager":
+    # a model trained with streaming heads is scored with the attention it was trained for (weights included)
+    if not use_declared_attention(model, weights=True) and model.config._attn_implementation != "eager":
         model.set_attn_implementation("eager")  # attention weights are needed
     model.eval()
     total = torch.zeros(model.config.num_hidden_layers, model.config.num_attention_heads)

@@ -101,7 +101,6 @@ def main(argv: list[str] | None = None) -> dict:
         return model
 
     def measure(model) -> dict:
-        use_declared_attention(model)
         acc = accuracy(score(model, tok, examples, args.system_prompt, args.batch_size, args.max_new_tokens))
         return {"accuracy": round(acc["accuracy/mean"], 4), "nll": round(reply_nll(model, tok, nll_examples, args.system_prompt), 4),
                 **{k.split("/")[1]: round(v, 4) for k, v in acc.items() if k != "accuracy/mean"}}
@@ -148,9 +147,11 @@ def main(argv: list[str] | None = None) -> dict:
             m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, quantization_config=BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4")).eval()
             disable_cpu_packing(m)
+            use_declared_attention(m)
             variants["nf4"] = measure(m)
         if sws and "nf4_keep_sw" in args.variants:
             m, _ = load_quantized_preserving_super_weights(path, registry_path=str(reg_path))
+            use_declared_attention(m)
             variants["nf4_keep_sw"] = measure(m.eval())
     metrics = {"super_weights": len(sws), "confirmed": int(bool(confirmation and confirmation["confirmed"]))}
     if sws:
