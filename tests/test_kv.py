@@ -250,3 +250,30 @@ def test_chat_decode_budget_covers_the_worked_reply():
     reply = render(ex, "steps")
     assert reply.endswith(f"Answer: {ex.answer}") and ex.answer in reply.splitlines()[0]
     assert reply_tokens(tok, ex) == len(reply) > 50
+
+
+@pytest.mark.parametrize("served_by", ["training attention", "local", "full"])
+def test_streaming_heads_sinks_are_each_rows_first_tokens_under_left_padding(served_by):
+    """A left-padded row decodes as it does alone: its streaming heads keep its own first `sink` tokens, not the
+    padding in front of it, in the training attention (a plain cache) and in HeadKVCache (both prefills)."""
+    from pipeline.kv.streaming_heads import use_streaming_heads
+
+    model = _model(heads=4, kv_heads=2)
+    if served_by != "full":
+        use_streaming_heads(model, [[0], []], sink=2, window=6)
+    if served_by != "training attention":
+        use_headwise_attention(model)
+    rows = [torch.randint(3, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (30, 19)]
+    ids = torch.zeros(2, 30, dtype=torch.long)
+    ids[0], ids[1, 11:] = rows[0], rows[1]  # 11 pads: more than the sinks and the window
+
+    def steps(input_ids, mask):
+        cache = None if served_by == "training attention" else HeadKVCache(model.config, [[0], []], 2, 6, served_by)
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True, past_key_values=cache)
+        return torch.stack(out.logits, 1)  # [B, steps, vocab]
+
+    batched = steps(ids, (ids != 0).long())
+    for i, row in enumerate(rows):
+        alone = steps(row[None], torch.ones(1, len(row), dtype=torch.long))
+        torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)

@@ -35,7 +35,9 @@ class HeadwiseKV(NamedTuple):
     full_v: torch.Tensor
     stream_k: torch.Tensor  # [B, n_stream, L, d], L = kept positions (all of the prompt during prefill)
     stream_v: torch.Tensor
-    stream_pos: torch.Tensor  # [L] cache slot of each streaming key (column in the attention mask)
+    stream_pos: torch.Tensor  # [B, L] cache slot of each streaming key (column in the attention mask)
+    stream_ok: torch.Tensor  # [B, L] False for a sink slot not filled yet or a window key that is also a sink
+    layer: "HeadKVLayer"  # evicts once the attention knows each row's first real token (`evict`)
     full_heads: tuple[int, ...]
     stream_heads: tuple[int, ...]
     sink: int
@@ -66,6 +68,9 @@ class HeadKVLayer(CacheLayerMixin):
         self.stream_heads = tuple(h for h in range(num_kv_heads) if h not in self.full_heads)
         self.sink, self.window, self.local = sink, window, prefill == "local"
         self.seen = 0  # tokens seen so far = cache slots
+        self.first = None  # [B] each row's first real slot (left padding), set by the first attention call
+        self._pending = None  # this step's new streaming keys, evicted after its attention
+        self._sinks_done = False
 
     def lazy_initialization(self, key_states, value_states):
         b, _, _, d = key_states.shape
@@ -85,7 +90,9 @@ class HeadKVLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        q = key_states.shape[-2]
+        if self._pending is not None:  # the attention of the last step did not run (a direct `update` call)
+            self.evict(None)
+        b, q = key_states.shape[0], key_states.shape[-2]
         start = self.seen
         self.seen += q
         new_fk, new_fv = key_states.index_select(1, self._fidx), value_states.index_select(1, self._fidx)
@@ -93,29 +100,48 @@ class HeadKVLayer(CacheLayerMixin):
         self.full_k = torch.cat([self.full_k, new_fk], dim=-2)
         self.full_v = torch.cat([self.full_v, new_fv], dim=-2)
 
-        # Keys the streaming heads attend to in this step: what is kept plus all new tokens.
+        # Keys the streaming heads attend to in this step: what is kept plus all new tokens. A row's sinks are
+        # its first `sink` real tokens (left padding shifts them), so their slots differ by row.
+        dev = key_states.device
         n_sink, n_rec = self.sink_k.shape[-2], self.recent_k.shape[-2]
+        first = self.first if self.first is not None else torch.zeros(b, dtype=torch.long, device=dev)
+        sink_pos = first[:, None] + torch.arange(n_sink, device=dev)
+        rec_pos = torch.arange(start - n_rec, start, device=dev).expand(b, -1)
+        pos = torch.cat([sink_pos, rec_pos, torch.arange(start, start + q, device=dev).expand(b, -1)], dim=-1)
+        ok = torch.cat([sink_pos < start, (rec_pos < first[:, None]) | (rec_pos >= first[:, None] + n_sink),
+                        torch.ones((b, q), dtype=torch.bool, device=dev)], dim=-1)
         att_k = torch.cat([self.sink_k, self.recent_k, new_sk], dim=-2)
         att_v = torch.cat([self.sink_v, self.recent_v, new_sv], dim=-2)
-        dev = key_states.device
-        pos = torch.cat([torch.arange(n_sink, device=dev), torch.arange(start - n_rec, start, device=dev),
-                         torch.arange(start, start + q, device=dev)])
+        self._pending = (new_sk, new_sv, start)
+        kv = HeadwiseKV(self.full_k, self.full_v, att_k, att_v, pos, ok, self, self.full_heads, self.stream_heads,
+                        self.sink, self.window, self.local)
+        return kv, None
 
-        # Evict: fill the sinks first, keep the last `window` of the rest.
-        take = min(self.sink - n_sink, q)
-        if take > 0:
-            self.sink_k = torch.cat([self.sink_k, new_sk[..., :take, :]], dim=-2)
-            self.sink_v = torch.cat([self.sink_v, new_sv[..., :take, :]], dim=-2)
+    def evict(self, first: torch.Tensor | None) -> None:
+        """After this step's attention: keep each row's sinks (slot j of row b holds position first[b] + j) and
+        the last `window` positions from `sink` on. `first` ([B], from the attention mask) is taken once."""
+        new_sk, new_sv, start = self._pending
+        self._pending = None
+        b, ns, q, d = new_sk.shape
+        if self.first is None:
+            self.first = first if first is not None else torch.zeros(b, dtype=torch.long, device=new_sk.device)
+        n_sink, n_rec = self.sink_k.shape[-2], self.recent_k.shape[-2]
+        size = min(self.sink, start + q)
+        if not self._sinks_done and size > 0:
+            want = self.first[:, None] + torch.arange(size, device=new_sk.device)  # [B, size]
+            hit = ((want >= start) & (want < start + q))[:, None, :, None]
+            idx = (want - start).clamp(0, q - 1)[:, None, :, None].expand(b, ns, size, d)
+            pad = new_sk.new_zeros((b, ns, size - n_sink, d))
+            self.sink_k = torch.where(hit, new_sk.gather(2, idx), torch.cat([self.sink_k, pad], dim=-2))
+            self.sink_v = torch.where(hit, new_sv.gather(2, idx), torch.cat([self.sink_v, pad], dim=-2))
+            if size == self.sink:  # one host sync per layer until every row's sinks are in
+                self._sinks_done = bool((want[:, -1] < start + q).all())
         # `cat` copies, so the stored window is a fresh tensor of at most `window` positions: it never pins
         # the prompt-sized tensors it was cut from.
-        rest = q - max(take, 0)
+        rest = q - max(min(self.sink - start, q), 0)  # new positions from `sink` on
         old_keep = max(0, min(n_rec, self.window - rest))
         self.recent_k = torch.cat([self.recent_k[..., n_rec - old_keep:, :], new_sk[..., q - min(rest, self.window):, :]], -2)
         self.recent_v = torch.cat([self.recent_v[..., n_rec - old_keep:, :], new_sv[..., q - min(rest, self.window):, :]], -2)
-
-        kv = HeadwiseKV(self.full_k, self.full_v, att_k, att_v, pos, self.full_heads, self.stream_heads,
-                        self.sink, self.window, self.local)
-        return kv, None
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -133,16 +159,16 @@ class HeadKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.is_initialized = False
-        self.seen = 0
+        self.seen, self.first, self._pending, self._sinks_done = 0, None, None, False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        for name in ("full_k", "full_v", "sink_k", "sink_v", "recent_k", "recent_v"):
+        for name in ("full_k", "full_v", "sink_k", "sink_v", "recent_k", "recent_v", "first"):
             t = getattr(self, name, None)
             if t is not None:
                 setattr(self, name, t.index_select(0, beam_idx.to(t.device)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in ("full_k", "full_v", "sink_k", "sink_v", "recent_k", "recent_v"):
+        for name in ("full_k", "full_v", "sink_k", "sink_v", "recent_k", "recent_v", "first"):
             t = getattr(self, name, None)
             if t is not None:
                 setattr(self, name, t[indices])
@@ -198,15 +224,29 @@ def headwise_attention(module, query, key, value, attention_mask, scaling=None, 
     if kv.full_heads:
         qidx = _query_heads(kv.full_heads, groups, query.device)
         out[:, qidx] = _sdpa(query[:, qidx], kv.full_k, kv.full_v, mask, groups, scaling).transpose(1, 2)
+    first = first_real(mask, b, query.device) if kv.layer.first is None else kv.layer.first
     if kv.stream_heads:
-        smask = None if mask is None else mask[..., kv.stream_pos]
-        if kv.local:  # every query sees only the sinks and its own recent window
-            q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]
-            near = (q_pos - kv.stream_pos[None, :] < kv.window) | (kv.stream_pos[None, :] < kv.sink)
-            smask = near[None, None] if smask is None else smask & near
+        pos, ok = kv.stream_pos, kv.stream_ok[:, None, None, :]  # [B, L], [B, 1, 1, L]
+        if mask is None:
+            smask = ok
+        else:
+            smask = mask.expand(b, 1, q_len, kv_len).gather(-1, pos[:, None, None, :].expand(b, 1, q_len, -1)) & ok
+        if kv.local:  # every query sees only its row's sinks and its own recent window
+            q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[None, None, :, None]
+            k_pos, lo = pos[:, None, None, :], first[:, None, None, None]
+            smask = smask & ((q_pos - k_pos < kv.window) | ((k_pos >= lo) & (k_pos < lo + kv.sink)))
         qidx = _query_heads(kv.stream_heads, groups, query.device)
         out[:, qidx] = _sdpa(query[:, qidx], kv.stream_k, kv.stream_v, smask, groups, scaling).transpose(1, 2)
+    kv.layer.evict(first)
     return out.transpose(1, 2).contiguous(), None
+
+
+def first_real(mask, b: int, device=None) -> torch.Tensor:
+    """[B] the first key each row may attend to (its left padding), from a boolean [B or 1, 1, q, kv] mask; zeros
+    without a mask (no padding)."""
+    if mask is None:
+        return torch.zeros(b, dtype=torch.long, device=device)
+    return mask[:, 0, -1].expand(b, -1).int().argmax(-1)
 
 
 @functools.lru_cache(maxsize=256)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from pipeline.kv.cache import _bool_mask
+from pipeline.kv.cache import _bool_mask, first_real
 from pipeline.kv.detect import heads_by_layer, load_registry, top_heads
 
 ATTN_NAME = "kv_streaming_heads"
@@ -48,7 +48,10 @@ def streaming_heads_attention(full_heads: list[list[int]], sink: int, window: in
                 (b, 1, q_len, kv_len), dtype=torch.bool, device=dev).tril(kv_len - q_len)
             q_pos = torch.arange(kv_len - q_len, kv_len, device=dev)[:, None]
             k_pos = torch.arange(kv_len, device=dev)[None, :]
-            last.update(of=attention_mask, mask=mask, local=mask & ((q_pos - k_pos < window) | (k_pos < sink)))
+            # A row's sinks are its first `sink` real tokens: left padding (batched generation) shifts them.
+            lo = first_real(mask, b, dev)[:, None, None, None]
+            sinks = (k_pos >= lo) & (k_pos < lo + sink)
+            last.update(of=attention_mask, mask=mask, local=mask & ((q_pos - k_pos < window) | sinks))
         return last["mask"], last["local"]
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
