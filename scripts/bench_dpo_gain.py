@@ -31,6 +31,11 @@ def paired(sft_rows: list[dict], dpo_rows: list[dict]) -> dict:
             "dpo_only_right": d.count(1), "sft_only_right": d.count(-1)}
 
 
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", default="outputs/bench_demo", help="scripts/bench_demo.py's --out")
@@ -43,8 +48,11 @@ def main():
     for k in args.seeds:
         for stage in ("sft", "dpo"):
             if not (Path(args.runs) / f"seed{k}" / stage / "config.json").is_file():
-                sys.exit(f"error: {args.runs}/seed{k}/{stage}: no model there; run scripts/bench_demo.py first")
-    examples = held_out(args.tasks, args.n, "test")
+                fail(f"{args.runs}/seed{k}/{stage}: no model there; run scripts/bench_demo.py first")
+    try:
+        examples = held_out(args.tasks, args.n, "test")
+    except (KeyError, ValueError) as e:  # an unknown task, or more questions than the test split has
+        fail(f"--tasks / --n: {e}")
     per_seed = {}
     for k in args.seeds:
         rows, t0 = {}, time.time()
