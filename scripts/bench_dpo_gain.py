@@ -45,6 +45,8 @@ def main():
     ap.add_argument("--system_prompt", default="Think step by step.", help="recipes/tiny/dpo.yaml's eval_system_prompt")
     ap.add_argument("--result", default="benchmarks/dpo_gain")
     args = ap.parse_args()
+    if args.n < 2:  # a paired standard error needs two questions
+        fail(f"--n: must be >= 2, got {args.n}")
     for k in args.seeds:
         for stage in ("sft", "dpo"):
             if not (Path(args.runs) / f"seed{k}" / stage / "config.json").is_file():
