@@ -20,7 +20,9 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
+import statistics
 import time
 from pathlib import Path
 from typing import Literal
@@ -59,6 +61,10 @@ class EvoPromptArguments:
                                                                   "multihop"])
     n_dev: int = dataclasses.field(default=10, metadata={"help": "Dev examples per task (fitness)."})
     n_test: int = dataclasses.field(default=50, metadata={"help": "Held-out test examples per task (final report)."})
+    screen_every: int = dataclasses.field(
+        default=1, metadata={"help": "Racing: a child is first scored on every k-th dev example; only one that comes "
+                             "within screen_margin of the population's worst is scored on the rest (1 = off)."})
+    screen_margin: float = 0.05
     difficulty: int = 1
     data_seed: int = dataclasses.field(default=0, metadata={"help": "Which dev examples are drawn."})
     dev_file: str | None = dataclasses.field(
@@ -83,8 +89,11 @@ class EvoPromptArguments:
                     get_task(t)
                 except KeyError as e:
                     raise ValueError(f"key 'tasks': {e.args[0]}") from None
-        if min(self.n_dev, self.n_test, self.difficulty, self.batch_size, self.max_new_tokens) < 1:
-            raise ValueError("keys 'n_dev', 'n_test', 'difficulty', 'batch_size', 'max_new_tokens' must be >= 1")
+        if not 0 <= self.screen_margin <= 1:
+            raise ValueError("key 'screen_margin' must be in [0, 1]")
+        if min(self.n_dev, self.n_test, self.difficulty, self.batch_size, self.max_new_tokens, self.screen_every) < 1:
+            raise ValueError("keys 'n_dev', 'n_test', 'difficulty', 'batch_size', 'max_new_tokens', 'screen_every' "
+                             "must be >= 1")
 
 
 def make_operator(spec: dict, args: EvoPromptArguments, cache_path: Path, source: str):
@@ -220,6 +229,23 @@ def main(argv: list[str] | None = None) -> dict:
     def dev_score(texts: list[str]) -> list[float]:
         return scorer.scores(texts, dev) if texts else []
 
+    screened_out: set[str] = set()
+
+    def raced_score(floor: float):
+        """Children's dev fitness with racing: a child scored on the screen (every k-th dev example) more than
+        screen_margin below the population's worst keeps that partial score, which ranks it below every member,
+        so it cannot survive (GA) or replace (DE); the others are scored on all of dev (the screen's replies are
+        cached). Most children of a small model are clearly worse; they now cost a fraction of the dev set."""
+        def score(texts: list[str]) -> list[float]:
+            if args.screen_every == 1 or not texts:
+                return dev_score(texts)
+            partial = scorer.scores(texts, dev[::args.screen_every])
+            out = [p if p < floor - args.screen_margin else None for p in partial]
+            screened_out.update(t for t, p in zip(texts, out) if p is not None)
+            full = iter(dev_score([t for t, p in zip(texts, out) if p is None]))
+            return [p if p is not None else next(full) for p in out]
+        return score
+
     # Resume: history.json is the state after the last finished generation.
     fp, history_path = fingerprint(args), out / "history.json"
     history = json.loads(history_path.read_text()) if history_path.is_file() else None
@@ -250,27 +276,33 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint(0)
     step = ga_generation if args.algorithm == "ga" else de_generation
     for generation in range(history["generations"][-1]["generation"] + 1, args.generations + 1):
-        population, children = step(population, operator, dev_score, generation,
+        population, children = step(population, operator, raced_score(min(c.score for c in population)), generation,
                                     random.Random(f"{args.seed}/{args.algorithm}/{generation}"))
-        history["candidates"] += [dataclasses.asdict(c) for c in children]
+        history["candidates"] += [{**dataclasses.asdict(c), "screened_out": c.prompt in screened_out} for c in children]
         checkpoint(generation)
 
     # Final report on the held-out test split only: the best evolved prompt vs the best initial one.
     initial = [c for c in history["candidates"] if c["generation"] == 0]
     best_initial = max(initial, key=lambda c: c["score"])["prompt"]
     best = max(population, key=lambda c: c.score)
-    test_scores = dict(zip([best.prompt, best_initial], scorer.scores([best.prompt, best_initial], test)))
+    evolved_values, initial_values = scorer.per_example([best.prompt, best_initial], test)
+    test_scores = {best.prompt: statistics.fmean(evolved_values), best_initial: statistics.fmean(initial_values)}
+    # Both prompts answer the same test questions: the gain's standard error is the paired one.
+    diffs = [a - b for a, b in zip(evolved_values, initial_values)]
+    gain_se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
     name = "accuracy" if args.metric == "verifier" else args.metric
     metrics = {"operator": operator.name, "algorithm": args.algorithm,
                f"{name}/test_best_evolved": test_scores[best.prompt],
                f"{name}/test_best_initial": test_scores[best_initial],
+               f"{name}/test_gain": statistics.fmean(diffs), f"{name}/test_gain_se": gain_se,
                "dev_fitness/best_evolved": best.score, "dev_fitness/best_initial": max(c["score"] for c in initial),
                "generations": args.generations, "prompts_scored": len(history["candidates"]),
+               "prompts_screened_out": sum(bool(c.get("screened_out")) for c in history["candidates"]),
                "malformed_operator_replies": history["malformed_operator_replies"],
                "score_cache_hits": scorer.hits, "score_cache_misses": scorer.misses,
                "seconds": round(time.perf_counter() - start, 1)}
-    logger.info("test: best evolved %.3f vs best initial %.3f (operator: %s)", test_scores[best.prompt],
-                test_scores[best_initial], operator.name)
+    logger.info("test: best evolved %.3f vs best initial %.3f, gain %+.3f ± %.3f (paired SE; operator: %s)",
+                test_scores[best.prompt], test_scores[best_initial], statistics.fmean(diffs), gain_se, operator.name)
 
     atomic_write_text(out / "best_prompt.txt", best.prompt + "\n")
     atomic_write_json(out / "best_prompt.json", {

@@ -4,7 +4,8 @@
     python -m pipeline.run --config recipes/tiny/pipeline.yaml --rerun sft     # sft and every later stage
 
 Each stage runs as its own process (`python -m <module>` or `accelerate launch`), logging to
-`<output_dir>/logs/<stage>.log`. A stage is done when its `stage_result.json` exists and its recipe is
+`<output_dir>/logs/<stage>.log`. Neighbouring stages with the same `parallel: <label>` run at the same time, the
+threads of OMP_NUM_THREADS (default: every core) shared out between them; they must not read each other's outputs. A stage is done when its `stage_result.json` exists and its recipe is
 unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
 report (`<output_dir>/report.md`) gathers every stage's metrics.
 """
@@ -22,6 +23,8 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 from rich.console import Console
@@ -41,6 +44,9 @@ class Stage:
     launcher: str = "python"  # or "accelerate"
     accelerate_config: str | None = None
     num_processes: int | None = None
+    # Neighbouring stages with the same label run at the same time, the CPU threads shared out between them
+    # (small models decode faster as two one-thread processes than as one two-thread process).
+    parallel: str | None = None
 
 
 @dataclasses.dataclass
@@ -68,6 +74,8 @@ def load_stages(recipe: PipelineRecipe, source: str) -> list[Stage]:
             raise RecipeError(f"{source}: stages[{i}] needs 'name', 'module' and 'config'") from None
         if stage.name in names:
             raise RecipeError(f"{source}: stages[{i}]: duplicate stage name '{stage.name}'")
+        if stage.parallel is not None and not isinstance(stage.parallel, str):
+            raise RecipeError(f"{source}: stages[{i}].parallel must be a label (a string), got {stage.parallel!r}")
         if stage.launcher not in ("python", "accelerate"):
             raise RecipeError(f"{source}: stages[{i}].launcher must be 'python' or 'accelerate'")
         if not Path(stage.config).is_file():
@@ -298,36 +306,42 @@ def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
             continue
 
 
+def _exit_on_signal(signum, frame):  # a killed runner ends its stages (their `finally`), then exits
+    raise SystemExit(128 + signum)
+
+
 class StageFailed(RuntimeError):
     def __init__(self, message: str, error_line: str | None = None):
         super().__init__(message)
         self.error_line = error_line
 
 
-def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict) -> float:
+def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict, running: list | None = None) -> float:
+    """Run one stage to its end. `running` (stages run together): the process is registered there so the runner
+    can end it, and the console shows no live status line (one live display at a time)."""
     cmd = command(stage)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
 
-    def terminated(signum, frame):  # a killed runner ends its stage (finally below), then exits
-        raise SystemExit(128 + signum)
-
     try:
-        previous = signal.signal(signal.SIGTERM, terminated)
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     proc = None
     try:
-        with open(log_path, "a") as log, console.status(f"[{index}/{total}] {stage.name}: running") as status:
+        status = console.status(f"[{index}/{total}] {stage.name}: running") if running is None else nullcontext()
+        with open(log_path, "a") as log, status:
             log.write(f"\n$ {' '.join(cmd)}\n")
             log.flush()
             # Its own process group (session): the runner can end the stage and everything it started.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                     bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+            if running is not None:
+                running.append(proc)
             for line in proc.stdout:
                 log.write(line)
                 tail = line.strip().replace("[", "(")[-90:]
-                if tail:
+                if tail and running is None:
                     status.update(f"[{index}/{total}] {stage.name} ({time.time() - start:.0f} s): {tail}")
             code = proc.wait()
     finally:
@@ -343,6 +357,44 @@ def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict) -
         console.print("\n".join(lines[-25:]), markup=False)
         raise StageFailed(f"stage '{stage.name}' failed (exit {code}); full log: {log_path}")
     return time.time() - start
+
+
+def run_group(group: list[tuple[int, Stage, str]], total: int, log_dir: Path, env: dict) -> list[tuple]:
+    """Run the stages of `group` (one, or neighbours sharing a `parallel` label) to their ends; returns
+    (index, stage, fingerprint, seconds or StageFailed) for each, in order. Stages run together share the
+    threads of OMP_NUM_THREADS (default: every core); a killed runner ends them all."""
+    def attempt(future):
+        try:
+            return future.result()
+        except StageFailed as e:
+            return e
+
+    if len(group) == 1:
+        i, stage, fp = group[0]
+        try:
+            return [(i, stage, fp, run_stage(stage, i, total, log_dir / f"{stage.name}.log", env))]
+        except StageFailed as e:
+            return [(i, stage, fp, e)]
+    threads = max(1, int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // len(group))
+    console.print(f"running together, {threads} thread(s) each: "
+                  + ", ".join(f"[{i}/{total}] {stage.name}" for i, stage, _ in group))
+    running: list[subprocess.Popen] = []
+    pool = ThreadPoolExecutor(len(group))
+    try:
+        previous = signal.signal(signal.SIGTERM, _exit_on_signal)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        futures = [pool.submit(run_stage, stage, i, total, log_dir / f"{stage.name}.log",
+                               {**env, "OMP_NUM_THREADS": str(threads)}, running) for i, stage, _ in group]
+        return [(i, stage, fp, attempt(f)) for (i, stage, fp), f in zip(group, futures)]
+    finally:  # on a kill or Ctrl-C the stages still running end too (they resume on the next run)
+        for proc in running:
+            if proc.poll() is None:
+                _end_group(proc)
+        pool.shutdown(wait=True)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -362,6 +414,27 @@ def main(argv: list[str] | None = None) -> dict:
     rerun_from = min((i for i, s in enumerate(stages) if s.name in recipe.rerun), default=None)
     started = time.time()
     console.print(f"[bold]{recipe.name}[/bold]: {len(stages)} stages -> {out}  (logs in {out / 'logs'})")
+
+    def record(i: int, stage: Stage, fp: str, outcome: float | StageFailed) -> None:
+        if isinstance(outcome, StageFailed):
+            state[stage.name] = {"status": "failed", "fingerprint": fp}
+            atomic_write_json(state_path, state)
+            write_report(recipe, stages, state, report_path)
+            if outcome.error_line:
+                raise RecipeError(f"stage '{stage.name}': {outcome.error_line} "
+                                  f"(log: {out / 'logs' / f'{stage.name}.log'})")
+            console.print(f"[red]✗[/red] {outcome}")
+            raise SystemExit(1)
+        result = read_stage_result(stage_output_dir(stage))
+        if result is None:
+            raise RecipeError(f"stage '{stage.name}' exited 0 but wrote no stage_result.json in "
+                              f"{stage_output_dir(stage)}")
+        state[stage.name] = {"status": "done", "fingerprint": fp, "seconds": round(outcome, 1)}
+        atomic_write_json(state_path, state)
+        console.print(f"[green]✓[/green] [{i}/{len(stages)}] {stage.name} ({outcome:.0f} s): "
+                      f"{_summary(result['metrics'])}")
+
+    group: list[tuple[int, Stage, str]] = []  # stages to run now: one, or a `parallel` group
     for i, stage in enumerate(stages, 1):
         stage_out, fp = stage_output_dir(stage), fingerprint(stage)
         if rerun_from is not None and i - 1 >= rerun_from and Path(stage_out).exists():
@@ -374,24 +447,12 @@ def main(argv: list[str] | None = None) -> dict:
             console.print(f"[green]✓[/green] [{i}/{len(stages)}] {stage.name}: already done, skipped "
                           f"({_summary(done['metrics'])})")
             state.setdefault(stage.name, {}).update(status="done (skipped)", fingerprint=fp)
-            continue
-        try:
-            seconds = run_stage(stage, i, len(stages), out / "logs" / f"{stage.name}.log", env)
-        except StageFailed as e:
-            state[stage.name] = {"status": "failed", "fingerprint": fp}
-            atomic_write_json(state_path, state)
-            write_report(recipe, stages, state, report_path)
-            if e.error_line:
-                raise RecipeError(f"stage '{stage.name}': {e.error_line} (log: {out / 'logs' / f'{stage.name}.log'})")
-            console.print(f"[red]✗[/red] {e}")
-            raise SystemExit(1) from None
-        result = read_stage_result(stage_out)
-        if result is None:
-            raise RecipeError(f"stage '{stage.name}' exited 0 but wrote no stage_result.json in {stage_out}")
-        state[stage.name] = {"status": "done", "fingerprint": fp, "seconds": round(seconds, 1)}
-        atomic_write_json(state_path, state)
-        console.print(f"[green]✓[/green] [{i}/{len(stages)}] {stage.name} ({seconds:.0f} s): "
-                      f"{_summary(result['metrics'])}")
+        else:
+            group.append((i, stage, fp))
+        if group and (stage.parallel is None or i == len(stages) or stages[i].parallel != stage.parallel):
+            for i_, stage_, fp_, outcome in run_group(group, len(stages), out / "logs", env):
+                record(i_, stage_, fp_, outcome)
+            group = []
     atomic_write_json(state_path, state)
     write_report(recipe, stages, state, report_path)
     console.print(f"\nAll stages done in {time.time() - started:.0f} s. Report: {report_path}\n")

@@ -129,6 +129,16 @@ def test_lexical_operator_is_deterministic_and_uses_parents_and_bank():
     assert op.paraphrase(["One. Two."], 0) == LexicalOperator(BANK, 3, 0.3).paraphrase(["One. Two."], 0)
 
 
+def test_lexical_ga_children_keep_their_parents_length_and_differ_from_them():
+    # A small task model reads short prompts best; children of one-sentence parents used to be both joined.
+    op = LexicalOperator(BANK, seed=0, mutation_rate=0.3)
+    kids = op.ga([("Answer the question.", "Be brief.")] * 200, generation=1)
+    lengths = collections.Counter(len(phrases(k)) for k in kids)
+    assert set(lengths) <= {1, 2} and lengths[1] > 60  # one insertion at most; many stay one sentence
+    assert not {"Answer the question.", "Be brief."} & set(kids)  # a copy of a parent is drawn again
+    assert {k for k in kids if len(phrases(k)) == 1} >= set(BANK)  # a one-sentence child is a mutated sentence
+
+
 def scripted_operator(body):
     """A scripted LLM operator: answers GA/DE/paraphrase templates; a prompt containing BROKEN gets no tags."""
     text = body["messages"][-1]["content"]
@@ -262,6 +272,12 @@ def test_search_finds_better_prompt_and_reports_test_only(tmp_path, algorithm):
     assert "Think step by step." in best and metrics["dev_fitness/best_evolved"] == 1.0
     assert metrics["dev_fitness/best_initial"] < 1.0
     assert metrics["accuracy/test_best_evolved"] == 1.0 > metrics["accuracy/test_best_initial"]
+    # The gain's paired SE: the evolved prompt is right everywhere, so the differences are 1 on the m test questions
+    # the initial one misses and 0 elsewhere; a 0/1 sample with m ones in n has stdev sqrt(m (n - m) / (n (n - 1))).
+    n = 12
+    m = round(n * (1 - metrics["accuracy/test_best_initial"]))
+    assert 0 < m < n and metrics["accuracy/test_gain"] == pytest.approx(m / n)
+    assert metrics["accuracy/test_gain_se"] == pytest.approx((m * (n - m) / (n * (n - 1))) ** 0.5 / n ** 0.5)
     bests = [g["best"] for g in history["generations"]]
     assert bests == sorted(bests) and len(bests) == 7  # elitist: the best never gets worse
     ids = {evoprompt.prompt_id(c["prompt"]) for c in history["candidates"]}
@@ -325,6 +341,8 @@ def test_recipe_errors(tmp_path):
             ({"operator": '{type: openai, base_url: http://x, model: m, api_key: sk-1}'}, "never put an API key"),
             ({"initial_prompts": str(tmp_path / "bank.yaml")}, "key 'prompts'"),
             ({"population_size": 2}, "population_size"),
+            ({"screen_every": 0}, "'screen_every'"),
+            ({"screen_margin": 2}, "'screen_margin'"),
             ({"tasks": "[add, nope]"}, "unknown task 'nope'"),
             ({"dev_file": str(tmp_path / "missing.jsonl"), "test_file": str(tmp_path / "missing.jsonl")}, "not found"),
         ]
@@ -372,3 +390,23 @@ def test_run_with_llm_operator_on_loopback(tmp_path, monkeypatch):
     assert all(c["prompt"].startswith("GA(") for c in history["candidates"] if c["origin"] == "ga")
     for f in (tmp_path / "llm").iterdir():
         assert b"sk-secret-123" not in f.read_bytes()
+
+
+def test_racing_scores_clearly_worse_children_on_the_screen_only(tmp_path):
+    write_inputs(tmp_path)
+    runs = {}
+    for every in (1, 2):
+        with OpenAIServer(reply=scripted_task_model) as server:
+            metrics = evoprompt.main(argv(tmp_path, server, tmp_path / f"out{every}", generations=6,
+                                          screen_every=every, screen_margin=0.1))
+            runs[every] = (metrics, len(server.bodies), json.loads((tmp_path / f"out{every}/history.json").read_text()))
+    (plain, plain_requests, _), (raced, raced_requests, history) = runs[1], runs[2]
+    assert plain["prompts_screened_out"] == 0 < raced["prompts_screened_out"]
+    assert raced_requests < plain_requests
+    assert "Think step by step." in (tmp_path / "out2/best_prompt.txt").read_text()
+    assert raced["accuracy/test_best_evolved"] == 1.0
+    # A screened-out child keeps its partial score, below the worst member of the population it was made from,
+    # so it never survives.
+    for g in history["generations"][1:]:
+        made = [c for c in history["candidates"] if c["generation"] == g["generation"] and c.get("screened_out")]
+        assert not {evoprompt.prompt_id(c["prompt"]) for c in made} & set(g["population"])

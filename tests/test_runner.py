@@ -160,3 +160,70 @@ def test_failure_message_is_not_wrapped_off_a_terminal(tmp_path):
     failed = [line for line in proc.stdout.splitlines() if "stage 'failing' failed (exit 1)" in line]
     assert len(failed) == 1 and failed[0].endswith("failing.log") and len(failed[0]) > 80
     assert any(line.endswith("x" * 150) for line in proc.stdout.splitlines())  # the log tail, unwrapped too
+
+
+def test_parallel_stages_run_together_share_the_threads_and_are_skipped_when_done(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+
+    def stage(name, seconds, parallel=None):
+        s = {"name": name, "module": "tests.sleepy_stage", "config": str(recipe),
+             "args": {"seconds": seconds, "output_dir": str(tmp_path / "out" / name)}}
+        return {**s, "parallel": parallel} if parallel else s
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "env": {"OMP_NUM_THREADS": 4}, "stages": [
+        stage("first", 0.2), stage("a", 3, "post"), stage("b", 3, "post"), stage("c", 3, "post"), stage("last", 0.2)]}))
+    state = main(["--config", str(pipeline)])
+    t = {n: json.loads((tmp_path / "out" / n / "times.json").read_text()) for n in ("first", "a", "b", "c", "last")}
+    assert all(state[n]["status"] == "done" for n in t)
+    group = [t[n] for n in "abc"]
+    assert max(g["start"] for g in group) < min(g["end"] for g in group)  # all three were running at one moment
+    assert t["first"]["end"] <= min(g["start"] for g in group) and max(g["end"] for g in group) <= t["last"]["start"]
+    assert [g["threads"] for g in group] == ["1", "1", "1"] and t["first"]["threads"] == t["last"]["threads"] == "4"
+    # b is redone alone; the others are skipped.
+    (tmp_path / "out" / "b" / "stage_result.json").unlink()
+    state = main(["--config", str(pipeline)])
+    assert state["b"]["status"] == "done" and {state[n]["status"] for n in ("first", "a", "c", "last")} == {
+        "done (skipped)"}
+
+
+def test_bad_parallel_label(tmp_path):
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "a", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": True}]}))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.parallel must be a label"):
+        main(["--config", str(pipeline)])
+
+
+def test_killed_runner_ends_every_stage_of_a_parallel_group(tmp_path):
+    import os
+    import signal
+    import time
+
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    pids = [tmp_path / "pids-a", tmp_path / "pids-b"]
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": f"sleepy{k}", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": "g",
+         "args": {"pid_file": str(pid), "output_dir": str(tmp_path / f"out/sleepy{k}")}} for k, pid in enumerate(pids)]}))
+    runner = subprocess.Popen([sys.executable, "-m", "pipeline.run", "--config", str(pipeline)], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while not all(p.is_file() and p.read_text().endswith("\n") for p in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    watched = [int(x) for p in pids for x in p.read_text().split()]
+    assert all(_alive(p) for p in watched)
+    runner.send_signal(signal.SIGTERM)
+    runner.wait(timeout=30)
+    deadline = time.time() + 20
+    while any(_alive(p) for p in watched) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [p for p in watched if _alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"the killed runner left processes {left} of its parallel stages running"

@@ -175,7 +175,12 @@ class LexicalOperator:
         return random.Random(f"{self.seed}/{what}/{generation}/{j}")
 
     def _crossover(self, a: list[str], b: list[str], rng: random.Random) -> list[str]:
-        return a[:rng.randint(1, len(a))] + b[rng.randint(0, len(b) - 1):]
+        """One-point crossover at one cut for both parents: a's sentences before it, b's from it on, so a child
+        is about as long as its parents. Cutting each parent at its own point made every child of two
+        one-sentence prompts the two joined, and prompts only grew, away from what the task model reads well
+        (docs/evoprompt.md)."""
+        cut = rng.randint(0, max(len(a), len(b)))
+        return a[:cut] + b[cut:] or list(a)
 
     def _mutate(self, parts: list[str], rng: random.Random) -> list[str]:
         parts = list(parts)
@@ -193,7 +198,11 @@ class LexicalOperator:
         out = []
         for j, (a, b) in enumerate(pairs):
             rng = self._rng("ga", generation, j)
-            out.append(join(self._mutate(self._crossover(phrases(a), phrases(b), rng), rng)))
+            for _ in range(10):  # a child equal to a parent is a wasted evaluation: draw again
+                child = join(self._mutate(self._crossover(phrases(a), phrases(b), rng), rng))
+                if child not in (join(phrases(a)), join(phrases(b))):
+                    break
+            out.append(child)
         return out
 
     def de(self, jobs: list[tuple[str, str, str, str]], generation: int) -> list[str | None]:

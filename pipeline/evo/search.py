@@ -110,10 +110,13 @@ class Scorer:
         got = run_requests(self.task_model, list(reqs.values()), self.cache, desc="score")
         return {k: got[r.key] for k, r in reqs.items()}
 
-    def scores(self, prompts: list[str], examples: list[Example]) -> list[float]:
+    def per_example(self, prompts: list[str], examples: list[Example]) -> list[list[float]]:
+        """Each prompt's metric on each example, in the examples' order (paired statistics need them)."""
         replies = self.replies(prompts, examples)
-        return [sum(metric_value(self.metric, e, replies[(p, e.id)]) for e in examples) / len(examples)
-                for p in prompts]
+        return [[metric_value(self.metric, e, replies[(p, e.id)]) for e in examples] for p in prompts]
+
+    def scores(self, prompts: list[str], examples: list[Example]) -> list[float]:
+        return [sum(v) / len(v) for v in self.per_example(prompts, examples)]
 
 
 # ---------------------------------------------------------------------------------------------
