@@ -4,10 +4,11 @@
     python -m pipeline.run --config recipes/tiny/pipeline.yaml --rerun sft     # sft and every later stage
 
 Each stage runs as its own process (`python -m <module>` or `accelerate launch`), logging to
-`<output_dir>/logs/<stage>.log`. Neighbouring stages with the same `parallel: <label>` run at the same time, the
-threads of OMP_NUM_THREADS (default: every core) shared out between them; they must not read each other's outputs. A stage is done when its `stage_result.json` exists and its recipe is
+`<output_dir>/logs/<stage>.log`. A stage is done when its `stage_result.json` exists and its recipe is
 unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
-report (`<output_dir>/report.md`) gathers every stage's metrics.
+report (`<output_dir>/report.md`) gathers every stage's metrics. Neighbouring stages with the same
+`parallel: <label>` run at the same time, the threads of OMP_NUM_THREADS (default: every core) shared out
+between them; they must not read each other's outputs.
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def run_group(group: list[tuple[int, Stage, str]], total: int, log_dir: Path, en
     console.print(f"running together, {threads} thread(s) each: "
                   + ", ".join(f"[{i}/{total}] {stage.name}" for i, stage, _ in group))
     running: list[subprocess.Popen] = []
-    pool = ThreadPoolExecutor(len(group))
+    pool, futures = ThreadPoolExecutor(len(group)), []
     try:
         previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     except ValueError:  # not the main thread
@@ -388,11 +389,13 @@ def run_group(group: list[tuple[int, Stage, str]], total: int, log_dir: Path, en
         futures = [pool.submit(run_stage, stage, i, total, log_dir / f"{stage.name}.log",
                                {**env, "OMP_NUM_THREADS": str(threads)}, running) for i, stage, _ in group]
         return [(i, stage, fp, attempt(f)) for (i, stage, fp), f in zip(group, futures)]
-    finally:  # on a kill or Ctrl-C the stages still running end too (they resume on the next run)
-        for proc in running:
-            if proc.poll() is None:
-                _end_group(proc)
-        pool.shutdown(wait=True)
+    finally:  # after a kill or Ctrl-C: end the stages still running (they resume on the next run), also one
+        pool.shutdown(wait=False, cancel_futures=True)  # whose process was starting just then
+        while not all(f.done() for f in futures):
+            for proc in list(running):
+                if proc.poll() is None:
+                    _end_group(proc)
+            time.sleep(0.1)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
