@@ -122,10 +122,13 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(s, m) for s, m in summary.items() if any(k.startswith("accuracy/") and k != "accuracy/mean" for k in m)]
+    def shown(k: str) -> bool:  # accuracies; not the mean, nor EvoPrompt's gain and its SE (differences)
+        return k.startswith("accuracy/") and k != "accuracy/mean" and not k.startswith("accuracy/test_gain")
+
+    rows = [(s, m) for s, m in summary.items() if any(shown(k) for k in m)]
     if not rows:
         return
-    tasks = sorted({k for _, m in rows for k in m if k.startswith("accuracy/") and k != "accuracy/mean"})
+    tasks = sorted({k for _, m in rows for k in m if shown(k)})
     niah = {k.split("/", 1)[1]: v for k, v in summary.get("niah", {}).items() if k.startswith("niah_acc/")}
     quant = {k.split("/", 1)[1]: v for k, v in summary.get("quant", {}).items() if k.startswith("quant_accuracy/")}
     panels = [p for p in (niah, quant) if p]
