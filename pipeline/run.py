@@ -46,7 +46,7 @@ class Stage:
     accelerate_config: str | None = None
     num_processes: int | None = None
     # Neighbouring stages with the same label run at the same time, the CPU threads shared out between them
-    # (small models decode faster as two one-thread processes than as one two-thread process).
+    # (a tiny model's decoding gains little from a second thread; two processes keep both cores busy).
     parallel: str | None = None
 
 
@@ -376,7 +376,7 @@ def run_group(group: list[tuple[int, Stage, str]], total: int, log_dir: Path, en
             return [(i, stage, fp, run_stage(stage, i, total, log_dir / f"{stage.name}.log", env))]
         except StageFailed as e:
             return [(i, stage, fp, e)]
-    threads = max(1, int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // len(group))
+    threads = max(1, int(env.get("OMP_NUM_THREADS") or os.cpu_count() or 1) // len(group))  # checked in main
     console.print(f"running together, {threads} thread(s) each: "
                   + ", ".join(f"[{i}/{total}] {stage.name}" for i, stage, _ in group))
     running: list[subprocess.Popen] = []
@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> dict:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     state["_source"] = source
     env = {**os.environ, **{k: str(v) for k, v in recipe.env.items()}}
+    if any(s.parallel for s in stages) and not (env.get("OMP_NUM_THREADS") or "1").isdigit():
+        raise RecipeError(f"{source}: OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} (env or key 'env'): parallel stages "
+                          "share it out, it must be a whole number")
 
     rerun_from = min((i for i, s in enumerate(stages) if s.name in recipe.rerun), default=None)
     started = time.time()
@@ -453,7 +456,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             group.append((i, stage, fp))
         if group and (stage.parallel is None or i == len(stages) or stages[i].parallel != stage.parallel):
-            for i_, stage_, fp_, outcome in run_group(group, len(stages), out / "logs", env):
+            outcomes = run_group(group, len(stages), out / "logs", env)
+            # Stages that finished are recorded before a failed one of the same group ends the run.
+            for i_, stage_, fp_, outcome in sorted(outcomes, key=lambda o: isinstance(o[3], StageFailed)):
                 record(i_, stage_, fp_, outcome)
             group = []
     atomic_write_json(state_path, state)

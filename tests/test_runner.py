@@ -197,6 +197,11 @@ def test_bad_parallel_label(tmp_path):
         {"name": "a", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": True}]}))
     with pytest.raises(RecipeError, match=r"stages\[0\]\.parallel must be a label"):
         main(["--config", str(pipeline)])
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "env": {"OMP_NUM_THREADS": "two"},
+                                        "stages": [{"name": "a", "module": "tests.sleepy_stage", "config": str(recipe),
+                                                    "parallel": "g"}]}))
+    with pytest.raises(RecipeError, match="OMP_NUM_THREADS='two'.*whole number"):
+        main(["--config", str(pipeline)])
 
 
 def test_killed_runner_ends_every_stage_of_a_parallel_group(tmp_path):
@@ -227,3 +232,19 @@ def test_killed_runner_ends_every_stage_of_a_parallel_group(tmp_path):
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"the killed runner left processes {left} of its parallel stages running"
+
+
+def test_a_failed_stage_of_a_parallel_group_keeps_the_others_recorded(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "fails", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": "g",
+         "args": {"exit": 1, "output_dir": str(tmp_path / "out/fails")}},
+        {"name": "works", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": "g",
+         "args": {"seconds": 1, "output_dir": str(tmp_path / "out/works")}}]}))
+    with pytest.raises(SystemExit):
+        main(["--config", str(pipeline)])
+    state = json.loads((tmp_path / "out/run_state.json").read_text())
+    assert state["fails"]["status"] == "failed" and state["works"]["status"] == "done"
