@@ -167,6 +167,17 @@ def stage_output_dir(stage: Stage) -> str:
 
 
 def fingerprint(stage: Stage) -> str:
+    """What a stage runs with: its module, args, launch, and its recipe's parsed settings (an edited comment
+    is not a change)."""
+    h = hashlib.sha256()
+    h.update(json.dumps([stage.module, stage.args, stage.launcher, stage.accelerate_config,
+                         stage.num_processes, load_yaml(stage.config)], sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def legacy_fingerprint(stage: Stage) -> str:
+    """The fingerprint run_state.json files written before 2026-12-05 hold (the recipe file's bytes): accepted,
+    so a finished stage is not redone after an upgrade; the state is then rewritten with fingerprint()."""
     h = hashlib.sha256()
     h.update(json.dumps([stage.module, stage.args, stage.launcher, stage.accelerate_config,
                          stage.num_processes], sort_keys=True, default=str).encode())
@@ -447,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
             shutil.rmtree(stage_out)
         done = read_stage_result(stage_out)
         if done is not None:
-            if state.get(stage.name, {}).get("fingerprint") not in (None, fp):
+            if state.get(stage.name, {}).get("fingerprint") not in (None, fp, legacy_fingerprint(stage)):
                 raise RecipeError(f"{source}: stage '{stage.name}': its recipe changed since {stage_out} was made; "
                                   f"pass --rerun {stage.name} to redo it and the stages after it")
             console.print(f"[green]✓[/green] [{i}/{len(stages)}] {stage.name}: already done, skipped "

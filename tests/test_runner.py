@@ -55,6 +55,21 @@ def test_runs_skips_and_catches_changes(pipeline_yaml, tmp_path, monkeypatch):
     assert all(state[s]["status"] == "done (skipped)" for s in ("base", "sft", "dpo"))
 
     sft_recipe = tmp_path / "sft.yaml"
+    sft_recipe.write_text("# an edited comment is not a change\n" + sft_recipe.read_text())
+    state = main(["--config", pipeline_yaml])
+    assert state["sft"]["status"] == "done (skipped)"
+    # A state file from before the parsed-settings fingerprint (the file's bytes) still counts as unchanged.
+    from pipeline.run import PipelineRecipe, fingerprint, legacy_fingerprint, load_stages
+    from pipeline.config import load_yaml
+
+    sft_stage = load_stages(PipelineRecipe(**load_yaml(pipeline_yaml)), pipeline_yaml)[1]
+    state_path = tmp_path / "out/run_state.json"
+    old = json.loads(state_path.read_text())
+    old["sft"]["fingerprint"] = legacy_fingerprint(sft_stage)
+    assert old["sft"]["fingerprint"] != fingerprint(sft_stage)
+    state_path.write_text(json.dumps(old))
+    state = main(["--config", pipeline_yaml])
+    assert state["sft"]["status"] == "done (skipped)" and state["sft"]["fingerprint"] == fingerprint(sft_stage)
     sft_recipe.write_text(sft_recipe.read_text().replace("max_steps: 2", "max_steps: 3"))
     with pytest.raises(RecipeError, match="stage 'sft': its recipe changed .* --rerun sft"):
         main(["--config", pipeline_yaml])
