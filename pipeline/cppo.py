@@ -81,6 +81,14 @@ def check_tasks(args: CPPOArguments, training_args: CPPOConfig, model_args: Mode
     return out
 
 
+def task_labels(tasks: list[dict]) -> list[str]:
+    """Metric names of the sequence's tasks: a task above difficulty 1, or met twice, is named with its difficulty
+    (multihop_d2), so it is not read as the eval's task of that name (which is difficulty 1)."""
+    names = [t["task"] for t in tasks]
+    return [t["task"] if t["difficulty"] == 1 and names.count(t["task"]) == 1 else f"{t['task']}_d{t['difficulty']}"
+            for t in tasks]
+
+
 def task_dataset(task: str, n: int, difficulty: int, seed: int, system_prompt: str | None):
     """Training prompts of one task (train split) with the columns the verifier reward reads."""
     from datasets import Dataset
@@ -208,8 +216,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     matrix = [d["accuracy"] for d in progress["done"]]
     metrics = transfer_metrics(matrix)
-    # a task met twice at two difficulties (multihop d1 -> d2) keeps one metric each
-    labels = [t["task"] if names.count(t["task"]) == 1 else f"{t['task']}_d{t['difficulty']}" for t in tasks]
+    labels = task_labels(tasks)
     metrics.update({f"accuracy/{n}": v for n, v in zip(labels, matrix[-1])})
     report = {"tasks": names, "method": {"c_kr": training_args.c_kr, "weighting": training_args.weighting,
                                          "k": training_args.k, "lb": training_args.lb, "ub": training_args.ub},

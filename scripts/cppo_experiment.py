@@ -62,15 +62,19 @@ def build_policy(work: Path, args) -> Path:
     return sft_dir
 
 
-# The baseline, CPPO, and the two halves of CPPO for an ablation.
+# The baseline, CPPO, the two halves of CPPO for an ablation, and GRPO with its KL penalty (TRL's reference model:
+# each task's starting policy, the same anchor as CPPO's snapshot).
 METHODS = {
     "plain": lambda a: ["--c_kr", "0", "--weighting", "none"],
+    "plain_kl": lambda a: ["--c_kr", "0", "--weighting", "none", "--beta", str(a.kl_beta)],
     "cppo": lambda a: ["--c_kr", str(a.c_kr), "--weighting", "heuristic"],
     "kr_only": lambda a: ["--c_kr", str(a.c_kr), "--weighting", "none"],
     "weights_only": lambda a: ["--c_kr", "0", "--weighting", "heuristic"],
 }
-LABELS = {"plain": "plain online RL (GRPO)", "cppo": "CPPO", "kr_only": "KR loss only", "weights_only": "weights only"}
-COLORS = {"plain": "tab:gray", "cppo": "tab:blue", "kr_only": "tab:green", "weights_only": "tab:orange"}
+LABELS = {"plain": "plain online RL (GRPO)", "plain_kl": "GRPO + KL", "cppo": "CPPO", "kr_only": "KR loss only",
+          "weights_only": "weights only"}
+COLORS = {"plain": "tab:gray", "plain_kl": "tab:purple", "cppo": "tab:blue", "kr_only": "tab:green",
+          "weights_only": "tab:orange"}
 
 
 def run_method(work: Path, policy: Path, method: str, seed: int, args) -> dict:
@@ -156,6 +160,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--c_kr", type=float, default=0.1)
     p.add_argument("--eval_n", type=int, default=128)
+    p.add_argument("--kl_beta", type=float, default=0.04, help="KL coefficient of the plain_kl method.")
     p.add_argument("--methods", nargs="+", default=["plain", "cppo"], choices=list(METHODS),
                    help="The first is the baseline the others are compared with.")
     p.add_argument("--tag", default="", help="Suffix of the run directories (RL settings sweeps on one SFT model).")

@@ -147,6 +147,15 @@ def test_plain_mode_needs_no_snapshot_and_cppo_does(tiny_model_dir, tmp_path):
     assert not any("cppo/kr" in h or "cppo/alpha_mean" in h for h in trainer.state.log_history)
 
 
+def test_task_labels_name_the_difficulty_where_it_is_not_the_evals():
+    from pipeline.cppo import task_labels
+
+    assert task_labels([{"task": "kv_lookup", "difficulty": 1}, {"task": "multihop", "difficulty": 2}]) == \
+        ["kv_lookup", "multihop_d2"]
+    assert task_labels([{"task": "multihop", "difficulty": 1}, {"task": "multihop", "difficulty": 2}]) == \
+        ["multihop_d1", "multihop_d2"]
+
+
 def test_transfer_metrics():
     from pipeline.cppo import transfer_metrics
 
