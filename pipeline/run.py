@@ -176,8 +176,8 @@ def fingerprint(stage: Stage) -> str:
 
 
 def legacy_fingerprint(stage: Stage) -> str:
-    """The fingerprint run_state.json files written before 2026-12-05 hold (the recipe file's bytes): accepted,
-    so a finished stage is not redone after an upgrade; the state is then rewritten with fingerprint()."""
+    """The fingerprint earlier versions wrote to run_state.json (the recipe file's bytes): accepted, so a finished
+    stage is not redone after an upgrade; the state is then rewritten with fingerprint()."""
     h = hashlib.sha256()
     h.update(json.dumps([stage.module, stage.args, stage.launcher, stage.accelerate_config,
                          stage.num_processes], sort_keys=True, default=str).encode())
