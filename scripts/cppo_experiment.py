@@ -173,6 +173,8 @@ def main() -> None:
     p.add_argument("--t2_difficulty", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks/cppo"))
     args = p.parse_args()
+    if "plain_kl" in args.methods and args.kl_beta <= 0:
+        p.error(f"--kl_beta: must be > 0 for plain_kl, got {args.kl_beta}")
 
     work = Path(args.work)
     policy = Path(args.policy) if args.policy else build_policy(work, args)

@@ -264,3 +264,18 @@ def test_reward_model_task(tiny_model_dir, tmp_path, monkeypatch):
     logs = json.loads((tmp_path / "out/task1-copy/trainer_state.json").read_text())["log_history"]
     rewards = [h["rewards/rm/std"] for h in logs if "rewards/rm/std" in h]
     assert rewards and all(r > 0 for r in rewards)  # the reward model scored the rollouts (not a constant)
+
+
+def test_kl_baseline_anchors_each_task_to_its_starting_policy(tiny_model_dir, tmp_path, monkeypatch):
+    """GRPO + KL (scripts/cppo_experiment.py's plain_kl: --beta > 0, c_kr 0): TRL's reference model is the task's
+    own starting policy, so task 2 starts at KL 0 although task 1 moved the weights away from the input model."""
+    import pipeline.tasks
+    from pipeline import cppo
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setattr(pipeline.tasks, "verifier_reward", _length_reward)  # so the policy moves
+    out = tmp_path / "out"
+    cppo.main(_stage_argv(tiny_model_dir, out) + ["--beta", "0.04", "--c_kr", "0", "--weighting", "none"])
+    for task in ("task1-copy", "task2-reverse"):
+        kl = [h["kl"] for h in json.loads((out / task / "trainer_state.json").read_text())["log_history"] if "kl" in h]
+        assert kl[0] == pytest.approx(0.0, abs=1e-6) and max(kl[1:]) > 0  # the penalty is live, from the task's start
