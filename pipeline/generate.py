@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from pipeline.config import RecipeError, cli, parse
-from pipeline.generation.hygiene import binarize, contaminated, dedup
+from pipeline.generation.hygiene import binarize, contaminated, cut_at_first_difference, dedup
 from pipeline.generation.prompts import STYLES, load_library
 from pipeline.generation.teachers import (RequestCache, Request, judge_messages, make_teacher, parse_rating,
                                           request_key, run_requests)
@@ -64,6 +64,12 @@ class GenerateArguments:
     sft_min_score: float | None = dataclasses.field(
         default=None, metadata={"help": "SFT keeps a query's best reply only at or above this (verifier: 1, judge: 7)."})
     binarize: Literal["zephyr", "best_vs_worst"] = "zephyr"
+    cut_rejected: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "Cut each DPO rejected reply right after its first character that differs from the chosen "
+                  "reply (a step-level pair): the preference then falls on the mistake, not on the correct work "
+                  "that follows from it. For verifier-scored worked solutions in one canonical format (free-form "
+                  "replies differ from the first word on). The whole reply is kept in column 'rejected_full'."})
     dedup_threshold: float = dataclasses.field(
         default=0.85, metadata={"help": "Jaccard (word 3-grams) above which queries are near-duplicates; > 1 = off."})
     decontaminate_against: list[str] = dataclasses.field(
@@ -218,10 +224,14 @@ def main(argv: list[str] | None = None) -> dict:
         pair = binarize(s, args.binarize, random.Random(f"{args.seed}/{q.id}/pair"))
         if pair is not None:
             (cn, cr), (rn, rr) = cands[pair[0]], cands[pair[1]]
-            dpo.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": replies[cr.key]}],
-                        "rejected": [{"role": "assistant", "content": replies[rr.key]}], **meta,
+            chosen, rejected = replies[cr.key], replies[rr.key]
+            full = {"rejected_full": rejected} if args.cut_rejected else {}
+            if args.cut_rejected:
+                rejected = cut_at_first_difference(chosen, rejected)
+            dpo.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+                        "rejected": [{"role": "assistant", "content": rejected}], **meta,
                         "chosen_teacher": cn, "rejected_teacher": rn,
-                        "score_chosen": s[pair[0]], "score_rejected": s[pair[1]]})
+                        "score_chosen": s[pair[0]], "score_rejected": s[pair[1]], **full})
 
     # Save: jsonl (what the SFT/DPO recipes read) and datasets on disk, each written atomically.
     artifacts = {"sft": str(out / "sft.jsonl"), "dpo": str(out / "dpo.jsonl")}

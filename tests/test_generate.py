@@ -14,7 +14,8 @@ import yaml
 
 from pipeline.config import RecipeError
 from pipeline.generate import main
-from pipeline.generation.hygiene import MinHashIndex, binarize, contaminated, dedup, jaccard, shingles
+from pipeline.generation.hygiene import (MinHashIndex, binarize, contaminated, cut_at_first_difference, dedup, jaccard,
+                                        shingles)
 from pipeline.generation.prompts import STYLES, load_library
 from pipeline.generation.teachers import OpenAITeacher, Request, RequestCache, TeacherError, parse_rating, run_requests
 from pipeline.tasks import TASKS, Example, extract_answer, get_task, make_split
@@ -464,6 +465,39 @@ def test_binarize_modes():
     assert binarize([3, 9, 5, 1], "best_vs_worst", rng) == (1, 3)
     picks = {binarize([3, 9, 5, 1], "zephyr", random.Random(s))[1] for s in range(50)}
     assert picks == {0, 2, 3}
+
+
+def test_cut_at_first_difference():
+    chosen = "4+4=8, write 8\n7+6=13, write 3 carry 1\nwrite carry 1\nAnswer: 138"
+    wrong = "4+4=8, write 8\n7+6=15, write 5 carry 1\nwrite carry 1\nAnswer: 158"
+    assert cut_at_first_difference(chosen, wrong) == "4+4=8, write 8\n7+6=15"  # up to and including the slip
+    assert cut_at_first_difference(chosen, "9") == "9"
+    assert cut_at_first_difference("Answer: 12", "Answer: 1") == "Answer: 1"  # a prefix: all of it
+    assert cut_at_first_difference("Answer: 1", "Answer: 12") == "Answer: 12"  # one character past the chosen
+
+
+def test_cut_rejected_pairs_keep_the_whole_reply_and_train_in_the_dpo_stage(tmp_path, tiny_model_dir):
+    from pipeline import dpo
+
+    metrics = _run(tmp_path, tasks=["add", "sort"], n_per_task=12, n_samples=4, cut_rejected=True,
+                   teachers=[{"type": "oracle", "wrong_rate": 0.5}], save_datasets=False)
+    rows = _jsonl(tmp_path / "out" / "dpo.jsonl")
+    assert len(rows) == metrics["dpo_pairs"] > 0
+    for row in rows:
+        chosen, cut, full = row["chosen"][0]["content"], row["rejected"][0]["content"], row["rejected_full"]
+        i = len(cut) - 1
+        assert full.startswith(cut) and len(cut) < len(full) and chosen != full
+        assert chosen[:i] == cut[:i] and chosen[i] != cut[i]  # the shared work, then the first wrong character
+    plain = _run(tmp_path / "plain", tasks=["add", "sort"], n_per_task=12, n_samples=4,
+                 teachers=[{"type": "oracle", "wrong_rate": 0.5}], save_datasets=False)
+    whole = _jsonl(tmp_path / "plain" / "out" / "dpo.jsonl")
+    assert plain["dpo_pairs"] == len(rows) and "rejected_full" not in whole[0]
+    assert [r["rejected"][0]["content"] for r in whole] == [r["rejected_full"] for r in rows]  # the same pairs
+    out = dpo.main(["--config", str(ROOT / "recipes/tiny/dpo.yaml"), "--model_name_or_path", str(tiny_model_dir),
+                    "--dataset_name", str(tmp_path / "out" / "dpo.jsonl"), "--output_dir", str(tmp_path / "dpo"),
+                    "--max_steps", "2", "--eval_split_size", "4", "--eval_tasks", "[add]", "--eval_examples", "2",
+                    "--save_strategy", "no"])
+    assert out["train_loss"] > 0 and "eval_rewards/accuracies" in out
 
 
 # ---------------------------------------------------------------------------------------------

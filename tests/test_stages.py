@@ -72,11 +72,13 @@ def test_lora_dpo_and_qlora_sft(tiny_model_dir, dpo_jsonl, sft_jsonl, tmp_path):
         assert model.merge_and_unload() is not None
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo"])
+@pytest.mark.parametrize("stage", ["sft", "dpo", "dpo_precomputed"])  # the tiny DPO recipe precomputes its reference
 def test_resume_gives_the_same_losses(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path, stage):
     run = _sft if stage == "sft" else _dpo
     data = sft_jsonl if stage == "sft" else dpo_jsonl
     args = ["--max_steps", "8", "--save_steps", "4", "--save_total_limit", "5"]
+    if stage == "dpo_precomputed":
+        args += ["--precompute_ref_log_probs", "true", "--loss_type", "[sigmoid, sft]"]
     run(tiny_model_dir, data, tmp_path / "full", *args)
     # A run killed anywhere in steps 5-8 leaves exactly this on disk: checkpoint-4 and nothing after it.
     (tmp_path / "killed").mkdir()

@@ -118,3 +118,12 @@ def binarize(scores: list[float | None], mode: str, rng: random.Random) -> tuple
         worst = min(s for s, _ in lower)
         return chosen, next(i for s, i in lower if s == worst)
     return chosen, rng.choice(lower)[1]
+
+
+def cut_at_first_difference(chosen: str, rejected: str) -> str:
+    """`rejected` up to and including its first character that differs from `chosen` (all of it if it is a
+    prefix of `chosen` or equal to it). On worked solutions in one canonical format that character is the
+    mistake; what follows it is mostly correct work from a wrong value (the carry that was dropped, copied
+    on), which a preference loss on the whole reply would push down too."""
+    i = next((k for k, (a, b) in enumerate(zip(chosen, rejected)) if a != b), min(len(chosen), len(rejected)))
+    return rejected[:i + 1]
