@@ -14,6 +14,7 @@ between them; they must not read each other's outputs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -48,6 +49,10 @@ class Stage:
     # Neighbouring stages with the same label run at the same time, the CPU threads shared out between them
     # (a tiny model's decoding gains little from a second thread; two processes keep both cores busy).
     parallel: str | None = None
+    # Niceness of the stage's processes (0-19). In a parallel group the OS shares the cores equally between the
+    # stages; a higher value for the stages beside the longest one lets that one run at full speed, so the group ends
+    # sooner. It changes no result, so it is not part of the fingerprint.
+    nice: int = 0
 
 
 @dataclasses.dataclass
@@ -77,6 +82,8 @@ def load_stages(recipe: PipelineRecipe, source: str) -> list[Stage]:
             raise RecipeError(f"{source}: stages[{i}]: duplicate stage name '{stage.name}'")
         if stage.parallel is not None and not isinstance(stage.parallel, str):
             raise RecipeError(f"{source}: stages[{i}].parallel must be a label (a string), got {stage.parallel!r}")
+        if isinstance(stage.nice, bool) or not isinstance(stage.nice, int) or not 0 <= stage.nice <= 19:
+            raise RecipeError(f"{source}: stages[{i}].nice must be a whole number from 0 to 19, got {stage.nice!r}")
         if stage.launcher not in ("python", "accelerate"):
             raise RecipeError(f"{source}: stages[{i}].launcher must be 'python' or 'accelerate'")
         if not Path(stage.config).is_file():
@@ -294,14 +301,17 @@ def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path, me
     return True
 
 
-def _die_with_parent() -> None:
-    """In the stage process (Linux): get SIGTERM when the runner dies, even by kill -9."""
+def _die_with_parent(nice: int = 0) -> None:
+    """In the stage process (Linux): get SIGTERM when the runner dies, even by kill -9; then take the stage's
+    niceness."""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+    if nice:
+        os.nice(nice)
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
@@ -347,7 +357,8 @@ def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict, r
             log.flush()
             # Its own process group (session): the runner can end the stage and everything it started.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-                                    bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
+                                    bufsize=1, start_new_session=True,
+                                    preexec_fn=functools.partial(_die_with_parent, stage.nice))
             if running is not None:
                 running.append(proc)
             for line in proc.stdout:

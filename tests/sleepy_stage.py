@@ -1,6 +1,6 @@
 """A stage for the runner's tests. With --pid_file: writes its pid (and its child's), then sleeps. With --exit N:
 prints a long line and exits with N. With --seconds S: sleeps S seconds, then writes its start and end times and the
-OMP_NUM_THREADS it was given to <output_dir>/times.json and its stage_result.json."""
+OMP_NUM_THREADS and niceness it was given to <output_dir>/times.json and its stage_result.json."""
 
 import json
 import os
@@ -22,7 +22,8 @@ if __name__ == "__main__":
         out = Path(args["--output_dir"])
         out.mkdir(parents=True, exist_ok=True)
         (out / "times.json").write_text(json.dumps({"start": start, "end": time.time(),
-                                                    "threads": os.environ.get("OMP_NUM_THREADS")}))
+                                                    "threads": os.environ.get("OMP_NUM_THREADS"),
+                                                    "nice": os.nice(0)}))
         write_stage_result(out, "sleepy", {"slept": float(args["--seconds"])})
         raise SystemExit(0)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # like accelerate's workers

@@ -1,6 +1,7 @@
 """The staged runner: stages in order, outputs chained, finished stages skipped, changed recipes caught."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -182,14 +183,15 @@ def test_parallel_stages_run_together_share_the_threads_and_are_skipped_when_don
     recipe = tmp_path / "stage.yaml"
     recipe.write_text("output_dir: x\n")
 
-    def stage(name, seconds, parallel=None):
+    def stage(name, seconds, parallel=None, nice=None):
         s = {"name": name, "module": "tests.sleepy_stage", "config": str(recipe),
              "args": {"seconds": seconds, "output_dir": str(tmp_path / "out" / name)}}
-        return {**s, "parallel": parallel} if parallel else s
+        return {**s, **({"parallel": parallel} if parallel else {}), **({"nice": nice} if nice else {})}
 
     pipeline = tmp_path / "p.yaml"
     pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "env": {"OMP_NUM_THREADS": 4}, "stages": [
-        stage("first", 0.2), stage("a", 3, "post"), stage("b", 3, "post"), stage("c", 3, "post"), stage("last", 0.2)]}))
+        stage("first", 0.2), stage("a", 3, "post"), stage("b", 3, "post", nice=5), stage("c", 3, "post"),
+        stage("last", 0.2)]}))
     state = main(["--config", str(pipeline)])
     t = {n: json.loads((tmp_path / "out" / n / "times.json").read_text()) for n in ("first", "a", "b", "c", "last")}
     assert all(state[n]["status"] == "done" for n in t)
@@ -197,6 +199,8 @@ def test_parallel_stages_run_together_share_the_threads_and_are_skipped_when_don
     assert max(g["start"] for g in group) < min(g["end"] for g in group)  # all three were running at one moment
     assert t["first"]["end"] <= min(g["start"] for g in group) and max(g["end"] for g in group) <= t["last"]["start"]
     assert [g["threads"] for g in group] == ["1", "1", "1"] and t["first"]["threads"] == t["last"]["threads"] == "4"
+    base = os.nice(0)  # the stages inherit the runner's niceness; `nice` adds to it
+    assert [t[n]["nice"] - base for n in ("first", "a", "b", "c", "last")] == [0, 0, 5, 0, 0]
     # b is redone alone; the others are skipped.
     (tmp_path / "out" / "b" / "stage_result.json").unlink()
     state = main(["--config", str(pipeline)])
@@ -217,6 +221,11 @@ def test_bad_parallel_label(tmp_path):
                                                     "parallel": "g"}]}))
     with pytest.raises(RecipeError, match="OMP_NUM_THREADS='two'.*whole number"):
         main(["--config", str(pipeline)])
+    for bad in (20, -1, "low", True):
+        pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+            {"name": "a", "module": "tests.sleepy_stage", "config": str(recipe), "nice": bad}]}))
+        with pytest.raises(RecipeError, match=r"stages\[0\]\.nice must be a whole number from 0 to 19, got"):
+            main(["--config", str(pipeline)])
 
 
 def test_killed_runner_ends_every_stage_of_a_parallel_group(tmp_path):
