@@ -312,6 +312,13 @@ def _die_with_parent(nice: int = 0) -> None:
         pass
     if nice:
         os.nice(nice)
+        # The stage has its own session, hence (with sched_autogroup) its own scheduling group, between which a
+        # process's niceness counts for nothing: the group's niceness is what the CPU is shared by.
+        try:
+            with open("/proc/self/autogroup", "w") as f:
+                f.write(str(nice))
+        except OSError:
+            pass
 
 
 def _end_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:

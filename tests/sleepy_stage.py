@@ -9,6 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+
+def _autogroup_nice():
+    try:
+        return int(Path("/proc/self/autogroup").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 if __name__ == "__main__":
     args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
     if "--exit" in args:
@@ -23,7 +31,7 @@ if __name__ == "__main__":
         out.mkdir(parents=True, exist_ok=True)
         (out / "times.json").write_text(json.dumps({"start": start, "end": time.time(),
                                                     "threads": os.environ.get("OMP_NUM_THREADS"),
-                                                    "nice": os.nice(0)}))
+                                                    "nice": os.nice(0), "autogroup": _autogroup_nice()}))
         write_stage_result(out, "sleepy", {"slept": float(args["--seconds"])})
         raise SystemExit(0)
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # like accelerate's workers

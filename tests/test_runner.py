@@ -201,6 +201,8 @@ def test_parallel_stages_run_together_share_the_threads_and_are_skipped_when_don
     assert [g["threads"] for g in group] == ["1", "1", "1"] and t["first"]["threads"] == t["last"]["threads"] == "4"
     base = os.nice(0)  # the stages inherit the runner's niceness; `nice` adds to it
     assert [t[n]["nice"] - base for n in ("first", "a", "b", "c", "last")] == [0, 0, 5, 0, 0]
+    if t["a"]["autogroup"] is not None:  # sched_autogroup: each stage's session is a group, shared out by its niceness
+        assert [t[n]["autogroup"] for n in "abc"] == [0, 5, 0]
     # b is redone alone; the others are skipped.
     (tmp_path / "out" / "b" / "stage_result.json").unlink()
     state = main(["--config", str(pipeline)])
