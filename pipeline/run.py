@@ -8,7 +8,8 @@ Each stage runs as its own process (`python -m <module>` or `accelerate launch`)
 unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
 report (`<output_dir>/report.md`) gathers every stage's metrics. Neighbouring stages with the same
 `parallel: <label>` run at the same time, the threads of OMP_NUM_THREADS (default: every core) shared out
-between them; they must not read each other's outputs.
+between them; they must not read each other's outputs. `nice: <0-19>` lowers a stage's CPU priority, so the
+longest stage of a group can keep a core while the others share what is left.
 """
 
 from __future__ import annotations
@@ -301,9 +302,9 @@ def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path, me
     return True
 
 
-def _die_with_parent(nice: int = 0) -> None:
-    """In the stage process (Linux): get SIGTERM when the runner dies, even by kill -9; then take the stage's
-    niceness."""
+def _in_stage_process(nice: int = 0) -> None:
+    """Run in the stage's process before it starts (Linux): get SIGTERM when the runner dies, even by kill -9;
+    take the stage's niceness."""
     try:
         import ctypes
 
@@ -365,7 +366,7 @@ def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict, r
             # Its own process group (session): the runner can end the stage and everything it started.
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
                                     bufsize=1, start_new_session=True,
-                                    preexec_fn=functools.partial(_die_with_parent, stage.nice))
+                                    preexec_fn=functools.partial(_in_stage_process, stage.nice))
             if running is not None:
                 running.append(proc)
             for line in proc.stdout:
