@@ -178,6 +178,16 @@ def test_failure_message_is_not_wrapped_off_a_terminal(tmp_path):
     assert any(line.endswith("x" * 150) for line in proc.stdout.splitlines())  # the log tail, unwrapped too
 
 
+def _autogroup_writable() -> bool:
+    """Whether this process may set its autogroup's niceness (not where /proc is read-only): writes it back as is."""
+    path = Path("/proc/self/autogroup")
+    try:
+        path.write_text(path.read_text().split()[-1])
+        return True
+    except (OSError, IndexError):
+        return False
+
+
 def test_parallel_stages_run_together_share_the_threads_and_are_skipped_when_done(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     recipe = tmp_path / "stage.yaml"
@@ -201,8 +211,8 @@ def test_parallel_stages_run_together_share_the_threads_and_are_skipped_when_don
     assert [g["threads"] for g in group] == ["1", "1", "1"] and t["first"]["threads"] == t["last"]["threads"] == "4"
     base = os.nice(0)  # the stages inherit the runner's niceness; `nice` adds to it
     assert [t[n]["nice"] - base for n in ("first", "a", "b", "c", "last")] == [0, 0, 5, 0, 0]
-    if t["a"]["autogroup"] is not None:  # sched_autogroup: each stage's session is a group, shared out by its niceness
-        assert [t[n]["autogroup"] for n in "abc"] == [0, 5, 0]
+    if t["a"]["autogroup"] is not None and _autogroup_writable():  # sched_autogroup: each stage's session is a
+        assert [t[n]["autogroup"] for n in "abc"] == [0, 5, 0]       # group, and the group's niceness shares the CPU
     # b is redone alone; the others are skipped.
     (tmp_path / "out" / "b" / "stage_result.json").unlink()
     state = main(["--config", str(pipeline)])
