@@ -98,21 +98,20 @@ def main():
 
     examples = {"add": held_out(["add"], args.n, "test"), "sort": held_out(["sort"], args.n // 2, "test")}
 
-    def answers(path: Path) -> dict:
-        model, tokenizer = load_for_generation(str(path))
+    def answers(model, tokenizer) -> dict:
         return {t: score(model, tokenizer, ex, "Think step by step.", 256, 88) for t, ex in examples.items()}
 
     results, rewards = {v: {} for v in args.variants}, {v: {} for v in args.variants}
     for k in args.seeds:
-        sft = answers(Path(args.runs) / f"seed{k}" / "sft")
         ref, tokenizer = load_for_generation(str(Path(args.runs) / f"seed{k}" / "sft"))
+        sft = answers(ref, tokenizer)
         for v in args.variants:
             out = Path(args.work) / v / f"seed{k}" / "dpo"
-            got = answers(out)
+            policy, _ = load_for_generation(str(out))
+            got = answers(policy, tokenizer)
             results[v][str(k)] = {t: paired(sft[t], got[t]) for t in examples}
             # the held-out pairs of this run, with whole rejected replies: what the preference term learnt
-            rewards[v][str(k)] = reward_accuracy(ref, load_for_generation(str(out))[0], tokenizer,
-                                                 held_out_pairs(out))["whole_replies"]
+            rewards[v][str(k)] = reward_accuracy(ref, policy, tokenizer, held_out_pairs(out))["whole_replies"]
             r = results[v][str(k)]
             print(f"{v} seed {k}: add {r['add']['gain']:+.3f} ± {r['add']['paired_se']:.3f}, "
                   f"sort {r['sort']['gain']:+.3f} ± {r['sort']['paired_se']:.3f}, held-out reward accuracy "

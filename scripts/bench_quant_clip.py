@@ -45,6 +45,9 @@ def main():
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--result", default="benchmarks/quant_clip")
     args = ap.parse_args()
+    if not all(z > 0 for z in args.zscore):
+        print(f"error: --zscore: every clip must be > 0 standard deviations, got {args.zscore}", file=sys.stderr)
+        sys.exit(2)
     for k in args.seeds:
         if not (Path(args.runs) / f"seed{k}" / "dpo" / "config.json").is_file():
             print(f"error: {args.runs}/seed{k}/dpo: missing; run scripts/bench_demo.py first", file=sys.stderr)

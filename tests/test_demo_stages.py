@@ -107,6 +107,14 @@ def test_quant_compare_rejects_an_unknown_variant():
         compare_main(["--model_name_or_path", str(RETRIEVAL), "--output_dir", "/tmp/x", "--variants", "[fp, int3]"])
 
 
+@pytest.mark.parametrize("z", ["0", "-3"])
+def test_quant_compare_rejects_a_clip_that_is_not_positive(z):
+    from pipeline.quant.compare import main as compare_main
+
+    with pytest.raises(RecipeError, match=r"key 'clip_zscore' must be > 0 \(standard deviations\)"):
+        compare_main(["--model_name_or_path", str(RETRIEVAL), "--output_dir", "/tmp/x", "--clip_zscore", z])
+
+
 def test_demo_base_tokenizer_is_one_token_per_character():
     from transformers import AutoTokenizer
 

@@ -48,6 +48,8 @@ class CompareArguments:
     def __post_init__(self):
         if self.n < 1 or not 2 <= self.bits <= 8 or len(self.block) != 2 or min(self.block) < 1:
             raise ValueError("keys 'n' >= 1, 'bits' in [2, 8] and 'block' (two sizes >= 1) are required")
+        if not self.clip_zscore > 0:
+            raise ValueError(f"key 'clip_zscore' must be > 0 (standard deviations), got {self.clip_zscore}")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise ValueError(f"key 'variants': unknown {bad} (valid: {', '.join(VARIANTS)})")
