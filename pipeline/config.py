@@ -79,6 +79,12 @@ class DataArguments(ScriptArguments):
     max_train_samples: int | None = dataclasses.field(
         default=None, metadata={"help": "Keep only the first N training rows (smoke tests)."}
     )
+    length_buckets: list[int] = dataclasses.field(
+        default_factory=list,
+        metadata={"help": "Token-length edges, e.g. [256]: each training batch holds rows of one bucket only (rows "
+                  "shuffled, batched within their bucket, batches shuffled), so a few long rows no longer pad most "
+                  "batches to their length. Replaces the sampler (train_sampling_strategy: sequential over that "
+                  "order); every epoch repeats it."})
     eval_tasks: list[str] = dataclasses.field(
         default_factory=list,
         metadata={"help": "Task-world tasks to score after training (held-out test split, greedy); the accuracy "
@@ -507,6 +513,15 @@ def check_training(model_args: ModelArguments, training_args, data_args: DataArg
     if model_args.ref_model_name_or_path and model_args.use_peft:
         raise RecipeError(f"{source}: key 'ref_model_name_or_path' with 'use_peft: true': the reference is the "
                           "base with adapters disabled; drop one of them")
+    edges = data_args.length_buckets
+    if edges and (any(e < 1 for e in edges) or edges != sorted(set(edges))):
+        raise RecipeError(f"{source}: key 'length_buckets' must be increasing token lengths >= 1, got {edges}")
+    if edges and (getattr(training_args, "packing", False) or getattr(training_args, "padding_free", False)):
+        raise RecipeError(f"{source}: key 'length_buckets' batches padded rows by length: packed or padding-free rows "
+                          "have no padding to save")
+    if edges and getattr(training_args, "train_sampling_strategy", "random") != "random":
+        raise RecipeError(f"{source}: key 'length_buckets' sets the batch order itself: drop "
+                          f"'train_sampling_strategy: {training_args.train_sampling_strategy}'")
     if data_args.eval_tasks:
         from pipeline.tasks import TASKS
 

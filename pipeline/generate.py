@@ -43,6 +43,10 @@ class GenerateArguments:
     task_counts: dict[str, int] = dataclasses.field(
         default_factory=dict, metadata={"help": "Per-task query counts that override n_per_task, e.g. {passkey: 500}."})
     difficulty: int = 1
+    task_difficulty: dict[str, int | list[int]] = dataclasses.field(
+        default_factory=dict,
+        metadata={"help": "Per-task difficulty that overrides 'difficulty'; a list splits the task's count evenly "
+                  "across its levels, e.g. {passkey: [1, 2]} (passkey: 48 and 96 filler words)."})
     queries_file: str | None = dataclasses.field(
         default=None, metadata={"help": "jsonl of {question, task?, answer?, id?}: queries besides the task world."})
     system_prompts: str = "data/system_prompts.yaml"
@@ -90,6 +94,12 @@ class GenerateArguments:
         unknown = sorted(set(self.task_counts) - set(self.tasks))
         if unknown or any(not isinstance(v, int) or v < 1 for v in self.task_counts.values()):
             raise ValueError(f"key 'task_counts' must map tasks of 'tasks' to counts >= 1, got {self.task_counts}")
+        levels = {t: v if isinstance(v, list) else [v] for t, v in self.task_difficulty.items()}
+        if (sorted(set(levels) - set(self.tasks)) or
+                any(not v or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in v) for v in levels.values())):
+            raise ValueError("key 'task_difficulty' must map tasks of 'tasks' to a level >= 1 or a non-empty list of "
+                             f"them, got {self.task_difficulty}")
+        self.task_difficulty = levels
         if not self.tasks and not self.queries_file:
             raise ValueError("no queries: set 'tasks' or 'queries_file'")
         if self.n_samples < 1 or not self.teachers:
@@ -106,9 +116,13 @@ class Query:
 
 
 def load_queries(args: GenerateArguments) -> list[Query]:
-    queries = [Query(e.id, e.question, e) for t in args.tasks
-               for e in make_split(get_task(t), "train", args.task_counts.get(t, args.n_per_task), args.seed,
-                                   args.difficulty)]
+    queries = []
+    for t in args.tasks:
+        n, levels = args.task_counts.get(t, args.n_per_task), args.task_difficulty.get(t, [args.difficulty])
+        for i, level in enumerate(levels):  # the first levels take the remainder
+            queries += [Query(e.id, e.question, e)
+                        for e in make_split(get_task(t), "train", n // len(levels) + (i < n % len(levels)), args.seed,
+                                            level)]
     seen = {q.id for q in queries}
     if args.queries_file:
         path = Path(args.queries_file)

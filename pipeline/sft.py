@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # `accelerate launch pipeline/sft.py` runs this f
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from pipeline.config import cli  # noqa: E402
-from pipeline.data import load_train_data  # noqa: E402
+from pipeline.data import batch_by_length, load_train_data, report_truncation  # noqa: E402
 from pipeline.longctx import long_context_trainer  # noqa: E402
 from pipeline.modeling import (check_model_switches, load_model, load_tokenizer, peft_config,  # noqa: E402
                                resolve_model_path)
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     trainer_cls = long_context_trainer(SFTTrainer, lc_args, training_args)  # plain TRL if no switch is on
     trainer = trainer_cls(model=model, args=training_args, train_dataset=train, eval_dataset=evaluation,
                           processing_class=tokenizer, peft_config=peft_config(model_args))
+    report_truncation(trainer, len(train), source)
+    if data_args.length_buckets:
+        batch_by_length(trainer, data_args.length_buckets)
     return train_and_save(trainer, "sft", data_args)
 
 

@@ -38,6 +38,9 @@ def parse_stage(stage: str, config_cls, argv: list[str] | None):
     (data_args, training_args, model_args, lc_args), values, source = parse(
         [DataArguments, config_cls, ModelArguments, LongContextArguments], argv, prog=f"pipeline/{stage}.py")
     check_training(model_args, training_args, data_args, source)
+    if stage != "sft" and data_args.length_buckets:
+        raise RecipeError(f"{source}: key 'length_buckets' is an SFT key (a preference row's chosen and rejected "
+                          "lengths differ)")
     problem = check_switches(lc_args, training_args, zero_stage(training_args, data_args))
     if problem:
         raise RecipeError(f"{source}: {problem}")
@@ -210,7 +213,8 @@ def plan(stage: str, source: str, data_args: DataArguments, training_args, model
         f"model:        {model_args.model_name_or_path}" + (f" (tiny fallback: {model_args.tiny_model})"
                                                             if model_args.tiny_model else ""),
         f"method:       {method}",
-        f"data:         {', '.join(data)}",
+        f"data:         {', '.join(data)}" + (f" (batches by token length, bucket edges {data_args.length_buckets})"
+                                                if data_args.length_buckets else ""),
         f"schedule:     {steps}, lr={training_args.learning_rate}, per-device batch="
         f"{training_args.per_device_train_batch_size} x grad-accum {training_args.gradient_accumulation_steps}",
         f"precision:    {precision}; activation checkpointing {checkpointing(training_args, lc_args)}; "

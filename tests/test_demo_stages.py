@@ -140,6 +140,22 @@ def test_generate_task_counts_override_n_per_task_and_name_known_tasks(tmp_path)
         GenerateArguments(output_dir=str(tmp_path), tasks=["copy"], task_counts={"sort": 3})
 
 
+def test_generate_task_difficulty_splits_a_task_across_levels(tmp_path):
+    from pipeline.generate import GenerateArguments, load_queries
+    from pipeline.tasks.needle import haystack_words
+
+    args = GenerateArguments(output_dir=str(tmp_path), tasks=["copy", "passkey"], n_per_task=5,
+                             task_difficulty={"passkey": [1, 2]})
+    words = sorted(len(q.question.split("\n")[0].split()) for q in load_queries(args) if q.example.task == "passkey")
+    # 3 at level 1 (48 filler words + the needle), 2 at level 2 (96 + the needle)
+    assert len(words) == 5 and all(w < haystack_words(2) for w in words[:3]) and all(w > haystack_words(2) for w in words[3:])
+    one = GenerateArguments(output_dir=str(tmp_path), tasks=["passkey"], n_per_task=2, task_difficulty={"passkey": 2})
+    assert one.task_difficulty == {"passkey": [2]}
+    for bad in ({"sort": 2}, {"passkey": []}, {"passkey": [0]}, {"passkey": [True]}):
+        with pytest.raises(ValueError, match="key 'task_difficulty' must map tasks of 'tasks' to a level >= 1"):
+            GenerateArguments(output_dir=str(tmp_path), tasks=["passkey"], task_difficulty=bad)
+
+
 def test_eval_split_size_that_leaves_no_training_rows_is_one_clear_error(dpo_jsonl):
     from pipeline.config import DataArguments
     from pipeline.data import load_train_data
@@ -171,3 +187,39 @@ def test_report_chart_adds_kv_and_quant_panels(tmp_path, monkeypatch):
     assert run.plot_accuracy(rows, ["accuracy/add", "accuracy/copy"], tmp_path / "r.png", metrics)
     assert run.plot_accuracy(rows, ["accuracy/add", "accuracy/copy"], tmp_path / "plain.png")
     assert axes_seen == [3, 1] and (tmp_path / "r.png").stat().st_size > 0
+
+
+def test_tiny_sft_recipe_path_batches_passkey_rows_apart(tmp_path, monkeypatch):
+    """recipes/tiny/sft.yaml's path (demo base, streaming heads, assistant-only loss) with length buckets, on the
+    tiny generate recipe's rows with passkeys at two levels (the trial in docs/BENCHMARKS.md), shrunk to a few
+    queries and 4 steps: the passkey rows of both levels make the long bucket, every batch of the trainer's own
+    dataloader stays in one bucket, and the model declares its streaming heads."""
+    from pipeline import generate, sft
+
+    generate.main(["--config", "recipes/tiny/generate.yaml", "--output_dir", str(tmp_path / "data"), "--n_per_task", "6",
+                   "--task_counts", "{passkey: 8}", "--task_difficulty", "{passkey: [1, 2]}", "--save_datasets", "false",
+                   "--write_corpus", "false"])
+    rows = [json.loads(line) for line in (tmp_path / "data" / "sft.jsonl").read_text().splitlines()]
+    assert sum(r["task"] == "passkey" for r in rows) == 8
+    seen = {}
+
+    def spy(trainer, edges):
+        seen.update(trainer=trainer, edges=edges)
+        return real(trainer, edges)
+
+    real = sft.batch_by_length
+    monkeypatch.setattr(sft, "batch_by_length", spy)
+    sft.main(["--config", "recipes/tiny/sft.yaml", "--dataset_name", str(tmp_path / "data" / "sft.jsonl"),
+              "--output_dir", str(tmp_path / "sft"), "--max_steps", "4", "--per_device_train_batch_size", "4",
+              "--eval_tasks", "[]", "--logging_steps", "1", "--max_length", "768", "--length_buckets", "[256]"])
+    assert seen["edges"] == [256]
+    long = []
+    for batch in seen["trainer"].get_train_dataloader():
+        real_lengths = batch["attention_mask"].sum(1).tolist()
+        assert len({n > 256 for n in real_lengths}) == 1, real_lengths
+        long += [n for n in real_lengths if n > 256]
+    assert len(long) == 8 and max(long) > 600  # level 2 (96 filler words) reaches the NIAH stage's 512-token prompts
+    log = json.loads((tmp_path / "sft" / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in log if "loss" in h] == [1, 2, 3, 4] and all(h["loss"] > 0 for h in log if "loss" in h)
+    config = json.loads((tmp_path / "sft" / "config.json").read_text())
+    assert config["streaming_heads"]["window"] == 64

@@ -72,11 +72,15 @@ def test_lora_dpo_and_qlora_sft(tiny_model_dir, dpo_jsonl, sft_jsonl, tmp_path):
         assert model.merge_and_unload() is not None
 
 
-@pytest.mark.parametrize("stage", ["sft", "dpo", "dpo_precomputed"])  # the tiny DPO recipe precomputes its reference
+# The tiny DPO recipe precomputes its reference; the tiny SFT recipe batches by length (the system-prompted rows are
+# the longer bucket here).
+@pytest.mark.parametrize("stage", ["sft", "sft_length_buckets", "dpo", "dpo_precomputed"])
 def test_resume_gives_the_same_losses(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_path, stage):
-    run = _sft if stage == "sft" else _dpo
-    data = sft_jsonl if stage == "sft" else dpo_jsonl
+    run = _sft if stage.startswith("sft") else _dpo
+    data = sft_jsonl if stage.startswith("sft") else dpo_jsonl
     args = ["--max_steps", "8", "--save_steps", "4", "--save_total_limit", "5"]
+    if stage == "sft_length_buckets":
+        args += ["--length_buckets", "[20]"]
     if stage == "dpo_precomputed":
         args += ["--precompute_ref_log_probs", "true", "--loss_type", "[sigmoid, sft]"]
     run(tiny_model_dir, data, tmp_path / "full", *args)
@@ -93,6 +97,17 @@ def test_resume_gives_the_same_losses(tiny_model_dir, sft_jsonl, dpo_jsonl, tmp_
     assert sorted(full) == list(range(1, 9)) and sorted(resumed) == list(range(1, 9))
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_rows_cut_at_max_length_are_counted_in_a_warning(tiny_model_dir, sft_jsonl, tmp_path, capsys):
+    """TRL keeps a row's first max_length tokens without a word: the stage says how many rows lost their end."""
+    _sft(tiny_model_dir, sft_jsonl, tmp_path / "short", "--max_length", "40", "--max_steps", "1")
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if "training rows reach max_length" in x)
+    cut = int(line.split(" of 64 training rows")[0].split(": ")[-1])
+    assert 0 < cut <= 64 and "of 64 training rows reach max_length 40 (cut at the end" in line
+    _sft(tiny_model_dir, sft_jsonl, tmp_path / "long", "--max_steps", "1", "--max_length", "512")
+    assert "reach max_length" not in capsys.readouterr().out
 
 
 def test_finished_stage_is_not_retrained(tiny_model_dir, sft_jsonl, tmp_path):
