@@ -81,10 +81,10 @@ class DataArguments(ScriptArguments):
     )
     length_buckets: list[int] = dataclasses.field(
         default_factory=list,
-        metadata={"help": "Token-length edges, e.g. [256]: each training batch holds rows of one bucket only (rows "
-                  "shuffled, batched within their bucket, batches shuffled), so a few long rows no longer pad most "
-                  "batches to their length. Replaces the sampler (train_sampling_strategy: sequential over that "
-                  "order); every epoch repeats it."})
+        metadata={"help": "Token-length edges, e.g. [256] (rows of <= 256 tokens, and longer ones): each training "
+                  "batch holds rows of one bucket only (rows shuffled, batched within their bucket, batches "
+                  "shuffled), so a few long rows no longer pad most batches to their length. Replaces the sampler "
+                  "(train_sampling_strategy: sequential over that order); every epoch repeats it."})
     eval_tasks: list[str] = dataclasses.field(
         default_factory=list,
         metadata={"help": "Task-world tasks to score after training (held-out test split, greedy); the accuracy "

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 import datasets
+import pyarrow.compute as pc
 
 from pipeline.config import DataArguments, RecipeError
 from pipeline.io import looks_local
@@ -255,6 +256,12 @@ def load_train_data(args: DataArguments, stage: Stage, source: str, seed: int = 
     return train, eval_ds
 
 
+def token_lengths(dataset: datasets.Dataset) -> list[int]:
+    """Each row's `input_ids` length, read in Arrow: no row's ids become Python lists (a real recipe's data has
+    millions of tokens)."""
+    return pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_pylist()
+
+
 def length_bucketed_order(lengths: list[int], edges: list[int], batch_size: int, seed: int) -> list[int]:
     """Row order for a sequential sampler: rows shuffled, cut into batches of `batch_size` inside their length bucket
     (`edges` in tokens), the batches shuffled, each bucket's remainder at the end. A batch pads only to lengths of
@@ -263,7 +270,7 @@ def length_bucketed_order(lengths: list[int], edges: list[int], batch_size: int,
     rng = random.Random(seed)
     buckets: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
-        buckets.setdefault(bisect.bisect_right(edges, n), []).append(i)
+        buckets.setdefault(bisect.bisect_left(edges, n), []).append(i)  # a row of `edge` tokens goes below it
     batches, rest = [], []
     for b in sorted(buckets):
         rows = buckets[b]
@@ -285,11 +292,11 @@ def batch_by_length(trainer, edges: list[int]) -> None:
                            "cannot set a sequential sampler")
     if "input_ids" not in train.column_names:
         raise RecipeError("key 'length_buckets' needs tokenized rows (input_ids): not for this dataset's format")
-    lengths = [len(ids) for ids in train["input_ids"]]
+    lengths = token_lengths(train)
     order = length_bucketed_order(lengths, edges, args.per_device_train_batch_size, args.seed)
     trainer.train_dataset = train.select(order)
     args.train_sampling_strategy = "sequential"
-    sizes = [sum(1 for n in lengths if bisect.bisect_right(edges, n) == b) for b in range(len(edges) + 1)]
+    sizes = [sum(1 for n in lengths if bisect.bisect_left(edges, n) == b) for b in range(len(edges) + 1)]
     logger.info("length buckets %s: %s rows", edges, sizes)
 
 
@@ -301,7 +308,7 @@ def report_truncation(trainer, rows: int, source: str) -> None:
     if (limit is None or "input_ids" not in train.column_names or getattr(args, "packing", False)
             or not trainer.is_world_process_zero()):
         return
-    cut = sum(len(ids) >= limit for ids in train["input_ids"])
+    cut = sum(n >= limit for n in token_lengths(train))
     dropped = rows - len(train)
     if cut or dropped:
         logger.warning("%s: %d of %d training rows reach max_length %d (cut at the end: a reply loses its last tokens)"

@@ -13,6 +13,7 @@ bucketed order is the one the stage uses (`length_bucketed_order`), the random o
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import os
 import random
@@ -69,8 +70,10 @@ def main():
     recipe = load_yaml(ROOT / "recipes/tiny/sft.yaml")
     tok = AutoTokenizer.from_pretrained(ROOT / recipe["model_name_or_path"])
     rows = [json.loads(line) for line in (data / "sft.jsonl").read_text().splitlines()]
-    lengths = [min(len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)
-                       ["input_ids"]), recipe["max_length"]) for r in rows]
+    raw = [len(tok(tok.apply_chat_template(r["messages"], tokenize=False), add_special_tokens=False)["input_ids"])
+           for r in rows]
+    lengths = [min(n, recipe["max_length"]) for n in raw]  # what the stage trains on: cut at max_length
+    bucket_of = [bisect.bisect_left(edges, n) for n in lengths]
     bs = recipe["per_device_train_batch_size"]
     shuffled = list(range(len(lengths)))
     random.Random(recipe["seed"]).shuffle(shuffled)
@@ -94,8 +97,12 @@ def main():
     mean = {k: statistics.mean(v) for k, v in runtimes.items()}
     result = {
         "command": "python " + " ".join(sys.argv), "steps": args.steps, "batch_size": bs, "edges": edges,
-        "rows": len(lengths), "rows_per_bucket": [sum(1 for n in lengths if sum(n > e for e in edges) == b)
-                                                  for b in range(len(edges) + 1)],
+        "rows": len(lengths), "max_length": recipe["max_length"],
+        "rows_cut_at_max_length": sum(n > recipe["max_length"] for n in raw),
+        "buckets": [{"rows": sum(1 for x in bucket_of if x == b),
+                     "tokens_before_cut": [min(n for n, x in zip(raw, bucket_of) if x == b),
+                                           max(n for n, x in zip(raw, bucket_of) if x == b)]}
+                    for b in range(len(edges) + 1) if b in bucket_of],
         "train_runtime_s": runtimes, "train_runtime_mean_s": mean,
         "speedup": mean["random"] / mean["buckets"],
         "tokens_per_row_computed": {k: v[0] for k, v in tokens.items()},

@@ -16,12 +16,15 @@ def test_order_batches_within_buckets_in_random_order():
     order = length_bucketed_order(lengths, edges, bs, seed=3)
     assert sorted(order) == list(range(203))
     batches = [order[i:i + bs] for i in range(0, len(order), bs)]
-    bucket = [{bisect.bisect_right(edges, lengths[j]) for j in b} for b in batches]
+    bucket = [{bisect.bisect_left(edges, lengths[j]) for j in b} for b in batches]
     # one bucket per batch: only the last batches hold the buckets' remainders
     assert all(len(b) == 1 for b in bucket[:-len(edges)])
     seq = [min(b) for b in bucket]
     assert seq != sorted(seq) and seq != sorted(seq, reverse=True), "batches must not come sorted by length"
     assert order == length_bucketed_order(lengths, edges, bs, seed=3) != length_bucketed_order(lengths, edges, bs, 4)
+    # an edge is the longest row of the bucket below it: the two 256-token rows share a batch
+    o = length_bucketed_order([256, 257, 256, 257], [256], 2, 0)
+    assert {frozenset(o[:2]), frozenset(o[2:])} == {frozenset({0, 2}), frozenset({1, 3})}
 
 
 def test_trainer_dataloader_follows_the_bucketed_order(tiny_model_dir, tmp_path):
