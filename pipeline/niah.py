@@ -105,7 +105,7 @@ def main(argv=None):
 
     from pipeline.kv.cache import HeadKVCache, expected_bytes, use_headwise_attention
     from pipeline.kv.detect import heads_by_layer, load_registry, top_heads
-    from pipeline.kv.evaluate import niah_grid, plot_grid
+    from pipeline.kv.evaluate import niah_examples, niah_grid, plot_grid, prompt_text
     from pipeline.kv.streaming_heads import describe
 
     # Model + budget
@@ -139,6 +139,17 @@ def main(argv=None):
         "uniform_window": lambda: HeadKVCache(cfg, none, args.sink, uniform_window, args.prefill),
     }
 
+    # The prompts' real lengths, as the model reads them (chat template included): the grid's axis
+    prompt_tokens = {}
+    for n_tokens in args.lengths:
+        exs = [e for d in args.depths for e in niah_examples(
+            tok, args.task, n_tokens, d, args.n_per_cell, args.seed, args.key_digits,
+            lambda e: prompt_text(tok, e, args.chat, args.system_prompt))]
+        ns = [len(tok(prompt_text(tok, e, args.chat, args.system_prompt), add_special_tokens=False)["input_ids"])
+              for e in exs]
+        prompt_tokens[n_tokens] = [min(ns), max(ns)]
+    logger.info("prompt tokens per length: %s", ", ".join(f"{n}: {a}-{b}" for n, (a, b) in prompt_tokens.items()))
+
     # Work
     t0 = time.time()
     results, metrics = {}, {}
@@ -159,7 +170,7 @@ def main(argv=None):
     # Save
     metrics["full_heads"] = describe(full)
     atomic_write_json(Path(args.output_dir) / "niah.json", {
-        "args": dataclasses.asdict(args), "full_heads": full, "uniform_window": uniform_window,
+        "args": dataclasses.asdict(args), "prompt_tokens": prompt_tokens, "full_heads": full, "uniform_window": uniform_window,
         "registry": registry_path, "results": results, "seconds": round(time.time() - t0, 1)})
     artifacts = {"report": str(Path(args.output_dir) / "niah.json"),
                  "kv_cache": (f"use_headwise_attention(model); HeadKVCache(model.config, {full}, sink={args.sink}, "

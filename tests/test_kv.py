@@ -277,3 +277,21 @@ def test_streaming_heads_sinks_are_each_rows_first_tokens_under_left_padding(ser
     for i, row in enumerate(rows):
         alone = steps(row[None], torch.ones(1, len(row), dtype=torch.long))
         torch.testing.assert_close(batched[i], alone[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("model,chat", [("demo-base", True), ("demo-base", False), ("retrieval-tiny", False)])
+def test_niah_prompts_are_as_long_as_their_label(model, chat):
+    """A NIAH cell labelled n tokens holds prompts of about n tokens as the model reads them. The fixed part (needle,
+    question, chat template, system prompt) was once taken as 25 tokens: with the demo base's character-level
+    tokenizer the "256" and "512" chat cells held 325-380 and 568-623 tokens, past the SFT's max_length."""
+    from transformers import AutoTokenizer
+
+    from pipeline.kv.evaluate import niah_examples, prompt_text
+
+    tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "data/models" / model)
+    render = lambda e: prompt_text(tok, e, chat, "Give only the final answer.")  # noqa: E731
+    for n in (256, 512, 1024):
+        exs = [e for d in (0.1, 0.5, 0.9) for e in niah_examples(tok, "passkey", n, d, 6, 0, render=render)]
+        lengths = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for e in exs]
+        assert abs(sum(lengths) / len(lengths) - n) <= 0.05 * n, (n, lengths)
+        assert max(lengths) <= 1.15 * n and min(lengths) >= 0.85 * n, (n, lengths)

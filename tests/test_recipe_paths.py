@@ -175,14 +175,16 @@ def test_qlora_recipe_resumes_in_its_own_precision(harness, tmp_path, monkeypatc
 # ------------------------------------------------------------------------------------------------ slow: 2 processes
 
 
-def _launch(recipe: Path, args: list[str], accelerate_config: str | None = None) -> subprocess.CompletedProcess:
+def _launch(recipe: Path, args: list[str], accelerate_config: str | None = None,
+            wrapper: list[str] = (), env_extra: dict | None = None) -> subprocess.CompletedProcess:
     cfg = H.load_yaml(recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                                  os.path.expanduser("~/.cache/torch_extensions"))}
+                                                  os.path.expanduser("~/.cache/torch_extensions")),
+           **(env_extra or {})}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(H.ROOT / (accelerate_config or cfg["accelerate_config"])), "--num_processes", "2"]
-    proc = subprocess.run([*launch, str(H.ROOT / "pipeline" / f"{H.stage_of(recipe)}.py"), *args], cwd=H.ROOT,
+    proc = subprocess.run([*launch, *wrapper, str(H.ROOT / "pipeline" / f"{H.stage_of(recipe)}.py"), *args], cwd=H.ROOT,
                           env=env, capture_output=True, text=True, timeout=900)
     ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Error" in line]
     assert proc.returncode == 0, "\n".join(ranks[-10:]) + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -216,6 +218,38 @@ def test_recipe_path_two_processes(recipe, harness, tmp_path):
         _launch(recipe, H.tiny_args(recipe, model, data, plain, processes=2, lr="1e-3") + no_dropout
                 + H.switches_off(recipe))
         _assert_same_steps(ours, plain)
+
+
+@pytest.mark.slow
+def test_length_buckets_two_processes(harness, tmp_path):
+    """`length_buckets` under 2 processes, on the 8B SFT recipe's ZeRO-3 launch with packing off: every micro-batch
+    either rank trains on lies in one bucket and pads only to its own rows, and the ranks train on different rows
+    (accelerate hands each process whole batches of the sequential sampler, `split_batches: false`; a one-process
+    test cannot see that)."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    models, data = harness
+    recipe, model = H.ROOT / "recipes/llama-3.1-8b/sft.yaml", models["llama-3.1-8b"]
+    tok = AutoTokenizer.from_pretrained(model)
+    train = datasets.load_from_disk(str(data["HuggingFaceH4/ultrachat_200k"]))["train_sft"]
+    lengths = sorted(len(tok(tok.apply_chat_template(m, tokenize=False), add_special_tokens=False)["input_ids"])
+                     for m in train["messages"])
+    edge = lengths[len(lengths) // 2]
+    out, record = tmp_path / "run", tmp_path / "batches"
+    _launch(recipe, H.tiny_args(recipe, model, data, out, processes=2) + [
+        "--packing", "false", "--length_buckets", f"[{edge}]", "--gradient_accumulation_steps", "1"],
+        wrapper=[str(H.ROOT / "tests/record_batches.py")], env_extra={"RECORD_BATCHES": str(record)})
+    assert json.loads((out / "stage_result.json").read_text())["metrics"]["world_size"] == 2
+    ranks = [[json.loads(line) for line in Path(f"{record}.rank{k}.jsonl").read_text().splitlines()] for k in (0, 1)]
+    assert [len(r) for r in ranks] == [4, 4]  # 4 optimizer steps, no accumulation
+    for batch in ranks[0] + ranks[1]:
+        assert len({n > edge for n in batch["lengths"]}) == 1, f"a batch mixes buckets at {edge}: {batch['lengths']}"
+        assert batch["width"] == max(batch["lengths"])
+    rows = [tuple(row) for batch in ranks[0] + ranks[1] for row in batch["rows"]]
+    assert len(set(rows)) == len(rows) == 32  # 4 steps x 4 rows x 2 ranks, each row once
+    kinds = {batch["lengths"][0] > edge for batch in ranks[0] + ranks[1]}
+    assert kinds == {True, False}
 
 
 @pytest.mark.slow

@@ -85,6 +85,37 @@ def test_attention_weights_variant_matches_and_is_a_distribution(tiny_model_dir)
     assert out.attentions[0][0, :2][:, outside].max() > 0  # layer 0, KV head 0 (query heads 0-1): full
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_split_heads_attention_is_bitwise_the_per_head_mask(groups):
+    """Training and prefill run a layer's full and streaming heads as two SDPA calls: outputs and gradients equal
+    (bitwise) the one call with a per-head [B, H, q, kv] mask it replaced, with GQA and left padding."""
+    from types import SimpleNamespace
+
+    from pipeline.kv.streaming_heads import streaming_heads_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, n_kv, t, d = 3, 4, 40, 8
+    q = torch.randn(b, n_kv * groups, t, d, generator=g, requires_grad=True)
+    k = torch.randn(b, n_kv, t, d, generator=g, requires_grad=True)
+    v = torch.randn(b, n_kv, t, d, generator=g, requires_grad=True)
+    real = torch.ones(b, t, dtype=torch.bool)
+    real[1, :7] = False  # left padding
+    mask = real[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()
+    out, _ = streaming_heads_attention([[0, 2]], 2, 6)(SimpleNamespace(layer_idx=0, training=True), q, k, v, mask)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+
+    qp, kp = torch.arange(t)[:, None], torch.arange(t)[None, :]
+    first = (~real).sum(1)[:, None, None, None]
+    local = mask & ((qp - kp < 6) | ((kp >= first) & (kp < first + 2)))
+    is_full = torch.tensor([h // groups in (0, 2) for h in range(n_kv * groups)])
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=torch.where(is_full[None, :, None, None], mask, local), enable_gqa=groups > 1)
+    want = want.transpose(1, 2).contiguous()
+    assert torch.equal(out, want)
+    for got, ref in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v))):
+        assert torch.equal(got, ref)
+
+
 def test_declared_attention_round_trips_through_save(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not use_declared_attention(model)

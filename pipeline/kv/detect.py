@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pipeline.config import RecipeError, parse
     from pipeline.io import write_stage_result
-    from pipeline.kv.evaluate import words_for_tokens
+    from pipeline.kv.evaluate import prompt_text, words_for_tokens
     from pipeline.modeling import check_model_path
     from pipeline.tasks.needle import Passkey
 
@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise RecipeError(f"{source}: key 'compare_with': {e}") from None
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
-    exs = [Passkey(key_digits=args.key_digits).make(random.Random(f"detect/{n}/{d}/{i}"), words_for_tokens(tok, n), d)
+    words = {n: words_for_tokens(tok, n, lambda e: prompt_text(tok, e, args.chat, args.system_prompt)) for n in args.lengths}
+    exs = [Passkey(key_digits=args.key_digits).make(random.Random(f"detect/{n}/{d}/{i}"), words[n], d)
            for n in args.lengths for d in args.depths for i in range(args.per_cell)]
     t0 = time.time()
     res = wu_scores(model, tok, exs, chat=args.chat, system_prompt=args.system_prompt)

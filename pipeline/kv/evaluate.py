@@ -16,11 +16,26 @@ from pipeline.tasks.base import Example, extract_answer
 from pipeline.tasks.needle import KVHaystack, Passkey, filler, prompt_of
 
 
-def words_for_tokens(tokenizer, n_tokens: int) -> int:
-    """Filler words that give a passkey prompt of about `n_tokens` tokens."""
-    probe = Passkey().make(random.Random(0), 400, 0.5)
-    per_word = len(tokenizer(prompt_of(probe), add_special_tokens=False)["input_ids"]) / 400
-    return max(4, int((n_tokens - 25) / per_word))
+def token_fit(tokenizer, render=prompt_of) -> tuple[float, float]:
+    """(fixed tokens, tokens per filler word) of `render(passkey example)` in this tokenizer: a prompt's length is
+    linear in its filler words, and the fixed part (needle, question, a chat template and system prompt) is far from
+    negligible with a fine tokenizer (~80 of the demo's raw prompt, ~150 through its chat template), so two probe
+    lengths fit both."""
+    def mean_tokens(words: int) -> float:
+        exs = [Passkey().make(random.Random(f"fit/{i}"), words, 0.5) for i in range(4)]
+        return sum(len(tokenizer(render(e), add_special_tokens=False)["input_ids"]) for e in exs) / len(exs)
+
+    lo, hi = 32, 400
+    t_lo, t_hi = mean_tokens(lo), mean_tokens(hi)
+    per_word = (t_hi - t_lo) / (hi - lo)
+    return t_lo - lo * per_word, per_word
+
+
+def words_for_tokens(tokenizer, n_tokens: int, render=prompt_of) -> int:
+    """Filler words that make a passkey prompt, as `render` writes it (the raw document, or a chat model's
+    templated question), about `n_tokens` tokens long."""
+    fixed, per_word = token_fit(tokenizer, render)
+    return max(4, round((n_tokens - fixed) / per_word))
 
 
 def prompt_text(tokenizer, example, chat: bool, system_prompt: str | None = None) -> str:
@@ -68,9 +83,11 @@ def reply_tokens(tokenizer, example) -> int:
     return len(tokenizer(render(example, "steps"), add_special_tokens=False)["input_ids"])
 
 
-def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5):
+def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5,
+                  render=prompt_of):
+    """`n` needles at `depth` in prompts of about `n_tokens` tokens as `render` writes them (what the model reads)."""
     rng = random.Random(f"niah/{task}/{n_tokens}/{depth}/{seed}")
-    words = words_for_tokens(tokenizer, n_tokens)
+    words = words_for_tokens(tokenizer, n_tokens, render)
     maker = Passkey(key_digits=key_digits) if task == "passkey" else KVHaystack()
     return [maker.make(rng, words, depth) for _ in range(n)]
 
@@ -83,7 +100,8 @@ def niah_grid(model, tokenizer, lengths, depths, n_per_cell: int, make_cache=Non
     for n_tokens in lengths:
         row = []
         for depth in depths:
-            exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits)
+            exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits,
+                                lambda e: prompt_text(tokenizer, e, chat, system_prompt))
             new = max(reply_tokens(tokenizer, e) for e in exs) + 8 if chat else 8
             row.append(sum(generate_answers(model, tokenizer, exs, make_cache, new, chat, system_prompt)) / n_per_cell)
         grid.append(row)
@@ -94,7 +112,7 @@ def flenqa_examples(tokenizer, pad_tokens: int, placement: str, n: int, seed: in
     """Same question and relevant span (the passkey sentence inside a fixed 24-word context), padded with
     about `pad_tokens` tokens of irrelevant filler after it ("start"), around it ("middle") or before it
     ("end"). Only the padding changes with `pad_tokens`."""
-    pad_words = words_for_tokens(tokenizer, pad_tokens + 25) if pad_tokens > 0 else 0
+    pad_words = round(pad_tokens / token_fit(tokenizer)[1]) if pad_tokens > 0 else 0
     out = []
     for i in range(n):
         ex = Passkey(key_digits=key_digits).make(random.Random(f"flenqa/{seed}/{i}"), 24, 0.5)
