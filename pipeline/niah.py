@@ -140,13 +140,14 @@ def main(argv=None):
     }
 
     # The prompts' real lengths, as the model reads them (chat template included): the grid's axis
+    def render(e):
+        return prompt_text(tok, e, args.chat, args.system_prompt)
+
     prompt_tokens = {}
     for n_tokens in args.lengths:
-        exs = [e for d in args.depths for e in niah_examples(
-            tok, args.task, n_tokens, d, args.n_per_cell, args.seed, args.key_digits,
-            lambda e: prompt_text(tok, e, args.chat, args.system_prompt))]
-        ns = [len(tok(prompt_text(tok, e, args.chat, args.system_prompt), add_special_tokens=False)["input_ids"])
-              for e in exs]
+        exs = [e for d in args.depths
+               for e in niah_examples(tok, args.task, n_tokens, d, args.n_per_cell, args.seed, args.key_digits, render)]
+        ns = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for e in exs]
         prompt_tokens[n_tokens] = [min(ns), max(ns)]
     logger.info("prompt tokens per length: %s", ", ".join(f"{n}: {a}-{b}" for n, (a, b) in prompt_tokens.items()))
 
@@ -170,8 +171,9 @@ def main(argv=None):
     # Save
     metrics["full_heads"] = describe(full)
     atomic_write_json(Path(args.output_dir) / "niah.json", {
-        "args": dataclasses.asdict(args), "prompt_tokens": prompt_tokens, "full_heads": full, "uniform_window": uniform_window,
-        "registry": registry_path, "results": results, "seconds": round(time.time() - t0, 1)})
+        "args": dataclasses.asdict(args), "prompt_tokens": prompt_tokens, "full_heads": full,
+        "uniform_window": uniform_window, "registry": registry_path, "results": results,
+        "seconds": round(time.time() - t0, 1)})
     artifacts = {"report": str(Path(args.output_dir) / "niah.json"),
                  "kv_cache": (f"use_headwise_attention(model); HeadKVCache(model.config, {full}, sink={args.sink}, "
                               f"window={args.window}, prefill='{args.prefill}') as past_key_values (pipeline.kv.cache)")}

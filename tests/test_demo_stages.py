@@ -189,6 +189,32 @@ def test_report_chart_adds_kv_and_quant_panels(tmp_path, monkeypatch):
     assert axes_seen == [3, 1] and (tmp_path / "r.png").stat().st_size > 0
 
 
+def test_run_report_chart_gets_the_kv_and_quant_panels(tmp_path, monkeypatch):
+    """Through the runner's report, from the stages' own stage_result.json: the NIAH stage's metrics are named
+    niah_acc/..., not ...accuracy..., and the report once drew no KV panel for them; its table holds the per-task
+    accuracies only (it had a column for every accuracy-named metric of every stage, 21 in the demo)."""
+    from pipeline import run
+    from pipeline.io import write_stage_result
+
+    results = {"sft": {"accuracy/add": 0.8, "accuracy/copy": 1.0}, "dpo": {"accuracy/add": 0.9, "accuracy/copy": 1.0},
+               "niah": {"niah_acc/full": 0.5, "niah_acc/retrieval_heads": 0.9, "niah_acc/uniform_window": 0.2,
+                        "kv_bytes_ratio@512/retrieval_heads": 0.26, "kv_bytes_ratio@512/uniform_window": 0.26},
+               "quant": {"quant_accuracy/fp": 0.97, "quant_accuracy/rtn": 0.0}}
+    stages = []
+    for name, metrics in results.items():
+        write_stage_result(tmp_path / name, name, metrics, {})
+        stages.append(run.Stage(name=name, module="m", config="c.yaml", args={"output_dir": str(tmp_path / name)}))
+    seen = []
+    monkeypatch.setattr(run, "plot_accuracy", lambda rows, tasks, path, metrics=None: seen.append(metrics) or True)
+    run.write_report(run.PipelineRecipe(name="t"), stages, {}, tmp_path / "report.md")
+    assert {k: v for k, v in seen[0].items() if not k.startswith("accuracy/")} == {
+        **results["niah"], **results["quant"]}
+    report = (tmp_path / "report.md").read_text()
+    assert "![held-out accuracy by task after each stage](report.png)" in report
+    # the per-stage table: a column per task, a row per stage that has task accuracies
+    assert "| stage | add | copy |\n|---|---|---|\n| sft | 0.8 | 1 |\n| dpo | 0.9 | 1 |\n" in report
+
+
 def test_tiny_sft_recipe_path_batches_passkey_rows_apart(tmp_path, monkeypatch):
     """recipes/tiny/sft.yaml's path (demo base, streaming heads, assistant-only loss) with length buckets, on the
     tiny generate recipe's rows with passkeys at two levels (the trial in docs/BENCHMARKS.md), shrunk to a few

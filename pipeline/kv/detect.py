@@ -262,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise RecipeError(f"{source}: key 'compare_with': {e}") from None
     tok = AutoTokenizer.from_pretrained(args.model_name_or_path)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=torch.float32)
-    words = {n: words_for_tokens(tok, n, lambda e: prompt_text(tok, e, args.chat, args.system_prompt)) for n in args.lengths}
+    words = {n: words_for_tokens(tok, n, lambda e: prompt_text(tok, e, args.chat, args.system_prompt))
+             for n in args.lengths}
     exs = [Passkey(key_digits=args.key_digits).make(random.Random(f"detect/{n}/{d}/{i}"), words[n], d)
            for n in args.lengths for d in args.depths for i in range(args.per_cell)]
     t0 = time.time()
