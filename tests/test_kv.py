@@ -290,8 +290,9 @@ def test_niah_prompts_are_as_long_as_their_label(model, chat):
 
     tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "data/models" / model)
     render = lambda e: prompt_text(tok, e, chat, "Give only the final answer.")  # noqa: E731
-    for n in (256, 512, 1024):
-        exs = [e for d in (0.1, 0.5, 0.9) for e in niah_examples(tok, "passkey", n, d, 6, 0, render=render)]
-        lengths = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for e in exs]
-        assert abs(sum(lengths) / len(lengths) - n) <= 0.05 * n, (n, lengths)
-        assert max(lengths) <= 1.15 * n and min(lengths) >= 0.85 * n, (n, lengths)
+    for task in ("passkey", "kv_haystack"):
+        for n in (256, 512, 1024):
+            exs = [e for d in (0.1, 0.5, 0.9) for e in niah_examples(tok, task, n, d, 6, 0, render=render)]
+            lengths = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for e in exs]
+            assert abs(sum(lengths) / len(lengths) - n) <= 0.05 * n, (task, n, lengths)
+            assert max(lengths) <= 1.15 * n and min(lengths) >= 0.85 * n, (task, n, lengths)

@@ -16,13 +16,16 @@ from pipeline.tasks.base import Example, extract_answer
 from pipeline.tasks.needle import KVHaystack, Passkey, filler, prompt_of
 
 
-def token_fit(tokenizer, render=prompt_of) -> tuple[float, float]:
-    """(fixed tokens, tokens per filler word) of `render(passkey example)` in this tokenizer: a prompt's length is
-    linear in its filler words, and the fixed part (needle, question, a chat template and system prompt) is far from
-    negligible with a fine tokenizer (~80 of the demo's raw prompt, ~150 through its chat template), so two probe
-    lengths fit both."""
+def token_fit(tokenizer, render=prompt_of, maker=None) -> tuple[float, float]:
+    """(fixed tokens, tokens per filler word) of `render(example)` in this tokenizer, for `maker`'s examples (default
+    a 5-digit passkey): a prompt's length is linear in its filler words, and the fixed part (needles, question, a chat
+    template and system prompt) is far from negligible with a fine tokenizer (~80 of the demo's raw passkey prompt,
+    ~150 through its chat template), so two probe lengths fit both. 32 probes each: the filler overshoots its word
+    count by 0-8 words, and with 4 the short kv_haystack prompts came out 5% short."""
+    maker = maker or Passkey()
+
     def mean_tokens(words: int) -> float:
-        exs = [Passkey().make(random.Random(f"fit/{i}"), words, 0.5) for i in range(4)]
+        exs = [maker.make(random.Random(f"fit/{i}"), words, 0.5) for i in range(32)]
         return sum(len(tokenizer(render(e), add_special_tokens=False)["input_ids"]) for e in exs) / len(exs)
 
     lo, hi = 32, 400
@@ -31,10 +34,10 @@ def token_fit(tokenizer, render=prompt_of) -> tuple[float, float]:
     return t_lo - lo * per_word, per_word
 
 
-def words_for_tokens(tokenizer, n_tokens: int, render=prompt_of) -> int:
-    """Filler words that make a passkey prompt, as `render` writes it (the raw document, or a chat model's
-    templated question), about `n_tokens` tokens long."""
-    fixed, per_word = token_fit(tokenizer, render)
+def words_for_tokens(tokenizer, n_tokens: int, render=prompt_of, maker=None) -> int:
+    """Filler words that make a prompt of `maker`'s (default a passkey), as `render` writes it (the raw document, or a
+    chat model's templated question), about `n_tokens` tokens long."""
+    fixed, per_word = token_fit(tokenizer, render, maker)
     return max(4, round((n_tokens - fixed) / per_word))
 
 
@@ -87,8 +90,8 @@ def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, see
                   render=prompt_of):
     """`n` needles at `depth` in prompts of about `n_tokens` tokens as `render` writes them (what the model reads)."""
     rng = random.Random(f"niah/{task}/{n_tokens}/{depth}/{seed}")
-    words = words_for_tokens(tokenizer, n_tokens, render)
     maker = Passkey(key_digits=key_digits) if task == "passkey" else KVHaystack()
+    words = words_for_tokens(tokenizer, n_tokens, render, maker)
     return [maker.make(rng, words, depth) for _ in range(n)]
 
 
