@@ -176,7 +176,7 @@ def test_qlora_recipe_resumes_in_its_own_precision(harness, tmp_path, monkeypatc
 
 
 def _launch(recipe: Path, args: list[str], accelerate_config: str | None = None,
-            wrapper: list[str] = (), env_extra: dict | None = None) -> subprocess.CompletedProcess:
+            wrapper: tuple[str, ...] = (), env_extra: dict | None = None) -> subprocess.CompletedProcess:
     cfg = H.load_yaml(recipe)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
@@ -184,8 +184,9 @@ def _launch(recipe: Path, args: list[str], accelerate_config: str | None = None,
            **(env_extra or {})}
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(H.ROOT / (accelerate_config or cfg["accelerate_config"])), "--num_processes", "2"]
-    proc = subprocess.run([*launch, *wrapper, str(H.ROOT / "pipeline" / f"{H.stage_of(recipe)}.py"), *args], cwd=H.ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    script = str(H.ROOT / "pipeline" / f"{H.stage_of(recipe)}.py")
+    proc = subprocess.run([*launch, *wrapper, script, *args], cwd=H.ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank") and "Error" in line]
     assert proc.returncode == 0, "\n".join(ranks[-10:]) + "\n" + proc.stdout[-2000:] + proc.stderr[-3000:]
     return proc
@@ -239,7 +240,7 @@ def test_length_buckets_two_processes(harness, tmp_path):
     out, record = tmp_path / "run", tmp_path / "batches"
     _launch(recipe, H.tiny_args(recipe, model, data, out, processes=2) + [
         "--packing", "false", "--length_buckets", f"[{edge}]", "--gradient_accumulation_steps", "1"],
-        wrapper=[str(H.ROOT / "tests/record_batches.py")], env_extra={"RECORD_BATCHES": str(record)})
+        wrapper=(str(H.ROOT / "tests/record_batches.py"),), env_extra={"RECORD_BATCHES": str(record)})
     assert json.loads((out / "stage_result.json").read_text())["metrics"]["world_size"] == 2
     ranks = [[json.loads(line) for line in Path(f"{record}.rank{k}.jsonl").read_text().splitlines()] for k in (0, 1)]
     assert [len(r) for r in ranks] == [4, 4]  # 4 optimizer steps, no accumulation
