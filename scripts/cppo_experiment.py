@@ -109,9 +109,12 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
         rs = [r for r in runs if r["method"] == method]
         out[method] = {k: stats([r[k] for r in rs]) for k in
                        ("task1_after_task1", "task1_after_task2", "task1_forgetting", "task2_after_task2")}
-    f_plain, t2_plain = out["plain"]["task1_forgetting"]["mean"], out["plain"]["task2_after_task2"]["mean"]
+    # Each method against the first one, the baseline, of the same runs (none with a single method). The keys say
+    # "plain": the baseline is plain RL in every run the docs quote.
+    base = methods[0]
+    f_plain, t2_plain = out[base]["task1_forgetting"]["mean"], out[base]["task2_after_task2"]["mean"]
     out["ratios"] = {}
-    for method in methods[1:]:  # each against the baseline of the same runs
+    for method in methods[1:]:
         f, t2 = out[method]["task1_forgetting"]["mean"], out[method]["task2_after_task2"]["mean"]
         out["ratios"][method] = {"forgetting_over_plain": f / f_plain if f_plain > 0 else None,
                                  "forgetting_reduction": 1 - f / f_plain if f_plain > 0 else None,
@@ -201,7 +204,8 @@ def main() -> None:
                        if v["forgetting_over_plain"] is not None)
     plot(out.with_suffix(".png"), summary, args.methods,
          f"{args.task1} -> {args.task2}, {len(args.seeds)} seeds, {args.t1_steps}+{args.t2_steps} GRPO steps, "
-         f"lr {args.lr}\ntask-1 forgetting / plain's: {ratios or 'n/a (plain did not forget)'}")
+         f"lr {args.lr}\ntask-1 forgetting / {args.methods[0]}'s: "
+         f"{ratios or ('n/a (one method)' if len(args.methods) == 1 else 'n/a (no forgetting to compare with)')}")
     print(json.dumps(summary, indent=2))
 
 

@@ -279,3 +279,27 @@ def test_kl_baseline_anchors_each_task_to_its_starting_policy(tiny_model_dir, tm
     for task in ("task1-copy", "task2-reverse"):
         kl = [h["kl"] for h in json.loads((out / task / "trainer_state.json").read_text())["log_history"] if "kl" in h]
         assert kl[0] == pytest.approx(0.0, abs=1e-6) and max(kl[1:]) > 0  # the penalty is live, from the task's start
+
+
+def test_cppo_experiment_summary_compares_with_the_first_method():
+    """scripts/cppo_experiment.py's summary: every method against the first (the baseline, as its --methods help
+    says). It read a method named "plain" whatever came first, so `--methods cppo` lost its summary to a KeyError
+    after all its runs, and `--methods cppo plain` compared plain with itself."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "scripts/cppo_experiment.py"
+    spec = importlib.util.spec_from_file_location("cppo_experiment", path)
+    exp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(exp)
+
+    def run(method, seed, forgot, task2):
+        return {"method": method, "seed": seed, "task1_after_task1": 0.9, "task1_after_task2": 0.9 - forgot,
+                "task1_forgetting": forgot, "task2_after_task2": task2}
+
+    runs = [run("plain", 0, 0.4, 0.5), run("plain", 1, 0.6, 0.5), run("cppo", 0, 0.1, 0.5), run("cppo", 1, 0.1, 0.4)]
+    ratios = exp.summarise(runs, ["plain", "cppo"])["ratios"]
+    assert ratios == {"cppo": pytest.approx({"forgetting_over_plain": 0.2, "forgetting_reduction": 0.8,
+                                             "task2_over_plain": 0.9})}
+    assert exp.summarise(runs, ["cppo", "plain"])["ratios"]["plain"]["forgetting_over_plain"] == pytest.approx(5.0)
+    only = exp.summarise([r for r in runs if r["method"] == "cppo"], ["cppo"])
+    assert only["ratios"] == {} and only["cppo"]["task1_forgetting"]["mean"] == pytest.approx(0.1)
