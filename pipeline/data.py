@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections import Counter
 import random
 from pathlib import Path
 from typing import Literal
@@ -283,21 +284,21 @@ def length_bucketed_order(lengths: list[int], edges: list[int], batch_size: int,
     return [i for batch in batches for i in batch] + rest
 
 
-def batch_by_length(trainer, edges: list[int]) -> None:
-    """Reorder the trainer's tokenized training rows by `length_bucketed_order` and have it read them in that order.
-    Every process computes the same order; a resumed run skips the batches it already took, as with any sampler."""
+def batch_by_length(trainer, edges: list[int], source: str) -> None:
+    """Reorder the trainer's tokenized training rows by `length_bucketed_order` and have it read them in that order
+    (`train_sampling_strategy: sequential`, which Trainer._get_train_sampler reads; pinned by
+    tests/test_length_buckets.py). Every process computes the same order; a resumed run skips the batches it already
+    took, as with any sampler."""
     args, train = trainer.args, trainer.train_dataset
-    if not hasattr(args, "train_sampling_strategy"):  # transformers >= 5 reads it in Trainer._get_train_sampler
-        raise RuntimeError("this transformers has no TrainingArguments.train_sampling_strategy: key 'length_buckets' "
-                           "cannot set a sequential sampler")
     if "input_ids" not in train.column_names:
-        raise RecipeError("key 'length_buckets' needs tokenized rows (input_ids): not for this dataset's format")
+        raise RecipeError(f"{source}: key 'length_buckets' needs tokenized rows (input_ids): not for this dataset's "
+                          "format")
     lengths = token_lengths(train)
     order = length_bucketed_order(lengths, edges, args.per_device_train_batch_size, args.seed)
     trainer.train_dataset = train.select(order)
     args.train_sampling_strategy = "sequential"
-    sizes = [sum(1 for n in lengths if bisect.bisect_left(edges, n) == b) for b in range(len(edges) + 1)]
-    logger.info("length buckets %s: %s rows", edges, sizes)
+    sizes = Counter(bisect.bisect_left(edges, n) for n in lengths)
+    logger.info("length buckets %s: %s rows", edges, [sizes[b] for b in range(len(edges) + 1)])
 
 
 def report_truncation(trainer, rows: int, source: str) -> None:

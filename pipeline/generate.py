@@ -95,8 +95,8 @@ class GenerateArguments:
         if unknown or any(not isinstance(v, int) or v < 1 for v in self.task_counts.values()):
             raise ValueError(f"key 'task_counts' must map tasks of 'tasks' to counts >= 1, got {self.task_counts}")
         levels = {t: v if isinstance(v, list) else [v] for t, v in self.task_difficulty.items()}
-        if (sorted(set(levels) - set(self.tasks)) or
-                any(not v or any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in v) for v in levels.values())):
+        bad_level = lambda d: not isinstance(d, int) or isinstance(d, bool) or d < 1  # noqa: E731
+        if set(levels) - set(self.tasks) or any(not v or any(map(bad_level, v)) for v in levels.values()):
             raise ValueError("key 'task_difficulty' must map tasks of 'tasks' to a level >= 1 or a non-empty list of "
                              f"them, got {self.task_difficulty}")
         self.task_difficulty = levels

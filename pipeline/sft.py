@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                           processing_class=tokenizer, peft_config=peft_config(model_args))
     report_truncation(trainer, len(train), source)
     if data_args.length_buckets:
-        batch_by_length(trainer, data_args.length_buckets)
+        batch_by_length(trainer, data_args.length_buckets, source)
     return train_and_save(trainer, "sft", data_args)
 
 

@@ -43,7 +43,7 @@ def test_trainer_dataloader_follows_the_bucketed_order(tiny_model_dir, tmp_path)
                          train_dataset=datasets.Dataset.from_list(rows), processing_class=tok)
     lengths = sorted(len(ids) for ids in trainer.train_dataset["input_ids"])
     edge = (lengths[0] + lengths[-1]) // 2
-    batch_by_length(trainer, [edge])
+    batch_by_length(trainer, [edge], "recipe.yaml")
     seen, kinds = 0, []
     for batch in trainer.get_train_dataloader():
         real = batch["attention_mask"].sum(1).tolist()
