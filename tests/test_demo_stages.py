@@ -229,9 +229,9 @@ def test_tiny_sft_recipe_path_batches_passkey_rows_apart(tmp_path, monkeypatch):
     assert sum(r["task"] == "passkey" for r in rows) == 8
     seen = {}
 
-    def spy(trainer, edges):
+    def spy(trainer, edges, source):
         seen.update(trainer=trainer, edges=edges)
-        return real(trainer, edges)
+        return real(trainer, edges, source)
 
     real = sft.batch_by_length
     monkeypatch.setattr(sft, "batch_by_length", spy)
