@@ -73,9 +73,9 @@ def streaming_heads_attention(full_heads: list[list[int]], sink: int, window: in
             head_mask = mask
         elif not weights and q_len > 1:
             # Training and prefill: the full and the streaming heads as two SDPA calls, each with its [B, 1, q, kv]
-            # mask. Building and reading a per-head [B, H, q, kv] mask cost 12% of a demo SFT step; each head's
-            # result is bitwise the same without attention dropout (tests/test_streaming_heads.py). One decoded
-            # token's mask is small: there the one call is faster.
+            # mask. Building and reading a per-head [B, H, q, kv] mask made a demo SFT step 11-12% slower
+            # (scripts/bench_streaming_attention.py); each head's result is bitwise the same without attention
+            # dropout (tests/test_streaming_heads.py). One decoded token's mask is small: there the one call is faster.
             out = query.new_empty(query.shape)
             for q_idx, kv_idx, m in ((*split_heads(heads, n_kv, groups, query.device, True), mask),
                                      (*split_heads(heads, n_kv, groups, query.device, False), local)):
