@@ -124,8 +124,8 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT", "SIGKILL"])
-def test_killed_runner_ends_its_stage(tmp_path, sig):
+@pytest.mark.parametrize("sig,preload", [("SIGTERM", True), ("SIGINT", True), ("SIGKILL", True), ("SIGKILL", False)])
+def test_killed_runner_ends_its_stage(tmp_path, sig, preload):
     import os
     import signal
     import time
@@ -134,7 +134,7 @@ def test_killed_runner_ends_its_stage(tmp_path, sig):
     recipe.write_text("output_dir: x\n")
     pid_file = tmp_path / "pids"
     pipeline = tmp_path / "p.yaml"
-    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "preload": preload, "stages": [
         {"name": "sleepy", "module": "tests.sleepy_stage", "config": str(recipe),
          "args": {"pid_file": str(pid_file), "output_dir": str(tmp_path / "out/sleepy")}}]}))
     # A job a non-interactive shell started with `&` inherits SIGINT ignored (and so would this runner): give it
@@ -151,8 +151,9 @@ def test_killed_runner_ends_its_stage(tmp_path, sig):
     runner.wait(timeout=30)
     deadline = time.time() + 20
     # SIGTERM / SIGINT: the runner ends the stage's whole process group. SIGKILL cannot be caught: the stage
-    # process itself gets SIGTERM from the kernel (PR_SET_PDEATHSIG) and must end what it started (accelerate
-    # launch does; this test stage does not, so its worker is not checked).
+    # process itself gets SIGTERM, from the kernel (PR_SET_PDEATHSIG; `python -m`) or from its watch on the runner's
+    # end (forked), and must end what it started (accelerate launch does; this test stage does not, so its worker
+    # is not checked).
     watched = (stage_pid, worker_pid) if sig != "SIGKILL" else (stage_pid,)
     while any(_alive(p) for p in watched) and time.time() < deadline:
         time.sleep(0.1)
@@ -284,3 +285,48 @@ def test_a_failed_stage_of_a_parallel_group_keeps_the_others_recorded(tmp_path, 
         main(["--config", str(pipeline)])
     state = json.loads((tmp_path / "out/run_state.json").read_text())
     assert state["fails"]["status"] == "failed" and state["works"]["status"] == "done"
+
+
+def test_forked_stage_sees_what_a_fresh_python_m_process_sees(tmp_path, monkeypatch):
+    """`preload: true` (the default) forks `python` stages from a fork server that imported torch/transformers/trl;
+    `preload: false` starts `python -m`. The stage must not tell them apart: the same argv, working directory,
+    environment, torch threads (OMP_NUM_THREADS, read by torch at import in the server), niceness and own session,
+    output in its log, atexit handlers run, exit code kept."""
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    seen = {}
+    for preload in (False, True):
+        out = tmp_path / f"out-{preload}"
+        probes = {n: tmp_path / f"probe-{preload}-{n}" for n in ("alone", "g1", "g2")}
+        pipeline = tmp_path / f"p-{preload}.yaml"
+        pipeline.write_text(yaml.safe_dump({"output_dir": str(out), "preload": preload,
+                                            "env": {"OMP_NUM_THREADS": 2, "PROBE_VAR": "x y"}, "stages": [
+            {"name": "alone", "module": "tests.sleepy_stage", "config": str(recipe),
+             "args": {"probe": str(probes["alone"]), "code": 0, "output_dir": str(out / "alone")}},
+            {"name": "g1", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": "g", "nice": 3,
+             "args": {"probe": str(probes["g1"]), "code": 0, "output_dir": str(out / "g1")}},
+            {"name": "g2", "module": "tests.sleepy_stage", "config": str(recipe), "parallel": "g",
+             "args": {"probe": str(probes["g2"]), "code": 5, "output_dir": str(out / "g2")}}]}))
+        with pytest.raises(SystemExit):  # g2 exits 5: the run fails there
+            main(["--config", str(pipeline)])
+        state = json.loads((out / "run_state.json").read_text())
+        assert state["g2"]["status"] == "failed"
+        log = (out / "logs" / "g2.log").read_text()
+        assert "probe: to stdout" in log and "probe: to stderr" in log
+        seen[preload] = {}
+        for name, probe in probes.items():
+            text = probe.read_text()
+            assert text.endswith("atexit\n"), f"{name}: atexit handlers did not run (preload={preload})"
+            record = json.loads(text.splitlines()[0])
+            # Into the log: straight (forked), or through a pipe the runner copies from (python -m).
+            assert record["stdout"] == record["stderr"] == (str((out / "logs" / f"{name}.log").resolve()) if preload
+                                                            else record["stdout"])
+            record["argv"] = [str(a).replace(f"-{preload}", "") for a in record["argv"]]
+            record.pop("stdout"), record.pop("stderr")
+            seen[preload][name] = record
+    assert seen[True] == seen[False]
+    assert seen[True]["alone"]["torch_threads"] == 2 and seen[True]["g1"]["torch_threads"] == 1
+    assert seen[True]["g1"]["env"] == {"OMP_NUM_THREADS": "1", "PROBE_VAR": "x y", "HF_HUB_OFFLINE": "1"}
+    assert seen[True]["g1"]["nice"] - seen[True]["g2"]["nice"] == 3 and seen[True]["g1"]["session_leader"]
+    assert seen[True]["alone"]["argv0"] == "sleepy_stage.py" and seen[True]["alone"]["cwd"] == str(ROOT)
