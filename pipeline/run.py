@@ -5,8 +5,8 @@
 
 Each stage runs as its own process (`python -m <module>` or `accelerate launch`), logging to
 `<output_dir>/logs/<stage>.log`. A `python` stage's process is forked from a server that imported torch,
-transformers and trl once (multiprocessing's fork server; `preload: false` starts a fresh interpreter instead):
-a stage's own work is the same, without its ~6 s of imports. A stage is done when its `stage_result.json` exists and its recipe is
+transformers, peft and trl's trainers once (multiprocessing's fork server; `preload: false` starts a fresh
+interpreter instead): a stage's own work is the same, without its ~5 s of imports. A stage is done when its `stage_result.json` exists and its recipe is
 unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
 report (`<output_dir>/report.md`) gathers every stage's metrics. Neighbouring stages with the same
 `parallel: <label>` run at the same time, the threads of OMP_NUM_THREADS (default: every core) shared out
@@ -72,8 +72,8 @@ class PipelineRecipe:
     rerun: list[str] = dataclasses.field(default_factory=list, metadata={"help": "Stages to redo (and all later)."})
     dry_run: bool = dataclasses.field(default=False, metadata={"help": "Print the stage commands and exit."})
     preload: bool = dataclasses.field(default=True, metadata={
-        "help": "Fork `python` stages from a server that imported torch, transformers and trl once (~6 s less per "
-                "stage); false: a fresh `python -m` process each. Same results either way."})
+        "help": "Fork `python` stages from a server that imported torch, transformers, peft and trl's trainers once "
+                "(~5 s less per stage); false: a fresh `python -m` process each. Same results either way."})
 
 
 def load_stages(recipe: PipelineRecipe, source: str) -> list[Stage]:
@@ -344,7 +344,10 @@ def _in_stage_process(nice: int = 0) -> None:
             pass
 
 
-PRELOAD = ("torch", "transformers", "trl")  # what a stage spends its first ~6 s importing
+# What a stage spends its first ~5 s importing (`import trl` alone is lazy: its trainers pull in transformers' Trainer,
+# peft, accelerate, datasets). A module missing here is imported by the stage itself, as without a server.
+PRELOAD = ("torch", "transformers", "peft", "trl", "trl.trainer.sft_trainer", "trl.trainer.dpo_trainer",
+           "trl.trainer.grpo_trainer")
 
 
 def _stage_server(env: dict, log_path: Path):
@@ -563,8 +566,16 @@ def run_group(group: list[tuple[int, Stage, str]], total: int, log_dir: Path, en
 def main(argv: list[str] | None = None) -> dict:
     (recipe,), _, source = parse([PipelineRecipe], argv, prog="python -m pipeline.run")
     stages = load_stages(recipe, source)
-    check_stages(stages, source)
     out = Path(recipe.output_dir)
+    env = {**os.environ, **{k: str(v) for k, v in recipe.env.items()}}
+    if any(s.parallel for s in stages) and not (env.get("OMP_NUM_THREADS") or "1").isdigit():
+        raise RecipeError(f"{source}: OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} (env or key 'env'): parallel stages "
+                          "share it out, it must be a whole number")
+    server = None  # the fork server: its imports run while check_stages does its own (both cores busy)
+    if recipe.preload and not recipe.dry_run and any(
+            s.launcher == "python" and (recipe.rerun or read_stage_result(stage_output_dir(s)) is None) for s in stages):
+        server = _stage_server(env, out / "logs" / "stage_server.log")
+    check_stages(stages, source)
     state_path, report_path = out / "run_state.json", out / "report.md"
     if recipe.dry_run:
         for i, stage in enumerate(stages, 1):
@@ -572,10 +583,6 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     state["_source"] = source
-    env = {**os.environ, **{k: str(v) for k, v in recipe.env.items()}}
-    if any(s.parallel for s in stages) and not (env.get("OMP_NUM_THREADS") or "1").isdigit():
-        raise RecipeError(f"{source}: OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} (env or key 'env'): parallel stages "
-                          "share it out, it must be a whole number")
 
     rerun_from = min((i for i, s in enumerate(stages) if s.name in recipe.rerun), default=None)
     started = time.time()
@@ -601,7 +608,6 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{_summary(result['metrics'])}")
 
     group: list[tuple[int, Stage, str]] = []  # stages to run now: one, or a `parallel` group
-    server = None  # the fork server, started before the first `python` stage that runs
     for i, stage in enumerate(stages, 1):
         stage_out, fp = stage_output_dir(stage), fingerprint(stage)
         if rerun_from is not None and i - 1 >= rerun_from and Path(stage_out).exists():
@@ -617,8 +623,6 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             group.append((i, stage, fp))
         if group and (stage.parallel is None or i == len(stages) or stages[i].parallel != stage.parallel):
-            if server is None and recipe.preload and any(s.launcher == "python" for _, s, _ in group):
-                server = _stage_server(env, out / "logs" / "stage_server.log")
             outcomes = run_group(group, len(stages), out / "logs", env, server)
             # Stages that finished are recorded before a failed one of the same group ends the run.
             for i_, stage_, fp_, outcome in sorted(outcomes, key=lambda o: isinstance(o[3], StageFailed)):

@@ -330,3 +330,14 @@ def test_forked_stage_sees_what_a_fresh_python_m_process_sees(tmp_path, monkeypa
     assert seen[True]["g1"]["env"] == {"OMP_NUM_THREADS": "1", "PROBE_VAR": "x y", "HF_HUB_OFFLINE": "1"}
     assert seen[True]["g1"]["nice"] - seen[True]["g2"]["nice"] == 3 and seen[True]["g1"]["session_leader"]
     assert seen[True]["alone"]["argv0"] == "sleepy_stage.py" and seen[True]["alone"]["cwd"] == str(ROOT)
+
+
+def test_preloaded_modules_exist():
+    """The fork server preloads these by name and skips one that fails to import (the stage then imports it itself,
+    ~5 s slower per stage, with the same results): a library release that moves one must show up here."""
+    import importlib
+
+    from pipeline.run import PRELOAD
+
+    for name in PRELOAD:
+        importlib.import_module(name)
