@@ -353,8 +353,14 @@ PRELOAD = ("torch", "transformers", "peft", "trl", "trl.trainer.sft_trainer", "t
 def _stage_server(env: dict, log_path: Path):
     """multiprocessing's fork server, started once per runner process: it imports PRELOAD under the stages'
     environment (some libraries read it at import: HF_HUB_OFFLINE), its own output going to `log_path`; each
-    `python` stage is then forked from it (`_forked_stage`). None where there is no fork server (not POSIX)."""
+    `python` stage is then forked from it (`_forked_stage`). None where there is no fork server (not POSIX), and where
+    a CUDA device is visible: CUDA cannot run in a process forked from one that initialised it, which some of the
+    preloaded libraries' imports may do; there every stage starts fresh, as with `preload: false`."""
     if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    import torch
+
+    if torch.cuda.is_available():  # the runner itself never forks, so asking here is safe
         return None
     from multiprocessing import forkserver
 

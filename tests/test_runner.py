@@ -341,3 +341,14 @@ def test_preloaded_modules_exist():
 
     for name in PRELOAD:
         importlib.import_module(name)
+
+
+def test_no_fork_server_where_cuda_is_visible(tmp_path, monkeypatch):
+    """A process forked from one whose imports initialised CUDA cannot use CUDA: with a device visible, stages start
+    fresh (`python -m`), whatever `preload` says."""
+    import torch
+
+    from pipeline import run
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert run._stage_server(dict(os.environ), tmp_path / "server.log") is None
