@@ -50,11 +50,13 @@ class MinHashIndex:
         for i in range(self.bands):
             yield i, tuple(sig[i * self.rows:(i + 1) * self.rows])
 
-    def query(self, text: str) -> int | None:
-        """Index of the first stored text at or above the threshold, or None."""
+    def _prepare(self, text: str) -> tuple[set[str], list[int]]:
         sh = shingles(text, self.ngram)
+        return sh, self._signature(sh)
+
+    def _match(self, sh: set[str], sig: list[int]) -> int | None:
         seen: set[int] = set()
-        for i, band in self._bands(self._signature(sh)):
+        for i, band in self._bands(sig):
             for j in self._buckets[i].get(band, ()):
                 if j not in seen:
                     seen.add(j)
@@ -62,13 +64,27 @@ class MinHashIndex:
                         return j
         return None
 
-    def add(self, text: str) -> int:
-        sh = shingles(text, self.ngram)
+    def _add(self, sh: set[str], sig: list[int]) -> int:
         idx = len(self._sets)
         self._sets.append(sh)
-        for i, band in self._bands(self._signature(sh)):
+        for i, band in self._bands(sig):
             self._buckets[i].setdefault(band, []).append(idx)
         return idx
+
+    def query(self, text: str) -> int | None:
+        """Index of the first stored text at or above the threshold, or None."""
+        return self._match(*self._prepare(text))
+
+    def add(self, text: str) -> int:
+        return self._add(*self._prepare(text))
+
+    def add_unless_near(self, text: str) -> int | None:
+        """`query`, then `add` if nothing matched, hashing the text once (the signature is most of the cost)."""
+        sh, sig = self._prepare(text)
+        match = self._match(sh, sig)
+        if match is None:
+            self._add(sh, sig)
+        return match
 
 
 def dedup(texts: list[str], threshold: float = 0.85) -> tuple[list[int], int, int]:
@@ -83,11 +99,9 @@ def dedup(texts: list[str], threshold: float = 0.85) -> tuple[list[int], int, in
             exact += 1
             continue
         seen.add(norm)
-        if index is not None:
-            if index.query(text) is not None:
-                near += 1
-                continue
-            index.add(text)
+        if index is not None and index.add_unless_near(text) is not None:
+            near += 1
+            continue
         keep.append(i)
     return keep, exact, near
 
