@@ -590,7 +590,12 @@ def main(argv: list[str] | None = None) -> dict:
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
     state["_source"] = source
 
+    # --rerun: that stage's output and every later one's go now, not as the run reaches them: a run killed or failed
+    # before then would otherwise leave the later stages' results, made from the old outputs, to be skipped next time.
     rerun_from = min((i for i, s in enumerate(stages) if s.name in recipe.rerun), default=None)
+    for stage in stages[rerun_from:] if rerun_from is not None else ():
+        if Path(stage_output_dir(stage)).exists():
+            shutil.rmtree(stage_output_dir(stage))
     started = time.time()
     console.print(f"[bold]{recipe.name}[/bold]: {len(stages)} stages -> {out}  (logs in {out / 'logs'})")
 
@@ -616,8 +621,6 @@ def main(argv: list[str] | None = None) -> dict:
     group: list[tuple[int, Stage, str]] = []  # stages to run now: one, or a `parallel` group
     for i, stage in enumerate(stages, 1):
         stage_out, fp = stage_output_dir(stage), fingerprint(stage)
-        if rerun_from is not None and i - 1 >= rerun_from and Path(stage_out).exists():
-            shutil.rmtree(stage_out)
         done = read_stage_result(stage_out)
         if done is not None:
             if state.get(stage.name, {}).get("fingerprint") not in (None, fp, legacy_fingerprint(stage)):

@@ -1,6 +1,7 @@
 """A stage for the runner's tests. With --pid_file: writes its pid (and its child's), then sleeps. With --exit N:
 prints a long line and exits with N. With --seconds S: sleeps S seconds, then writes its start and end times and the
-OMP_NUM_THREADS and niceness it was given to <output_dir>/times.json and its stage_result.json. With --probe FILE:
+OMP_NUM_THREADS and niceness it was given to <output_dir>/times.json and its stage_result.json (exits 1 instead if
+SLEEPY_FAIL names its output_dir). With --probe FILE:
 writes what it sees of its process (argv, cwd, environment, torch's threads, where its output goes) to FILE, prints
 to stdout and stderr, and exits with --code (0: after its stage_result.json in --output_dir; an atexit handler appends to FILE first)."""
 
@@ -46,6 +47,9 @@ if __name__ == "__main__":
         raise SystemExit(int(args["--exit"]))
     if "--seconds" in args:
         from pipeline.io import write_stage_result
+
+        if os.environ.get("SLEEPY_FAIL") == Path(args["--output_dir"]).name:  # a failure no recipe key records
+            raise SystemExit(1)
 
         start = time.time()
         time.sleep(float(args["--seconds"]))

@@ -352,3 +352,23 @@ def test_no_fork_server_where_cuda_is_visible(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert run._stage_server(dict(os.environ), tmp_path / "server.log") is None
+
+
+def test_rerun_drops_the_later_stages_results_even_if_the_run_stops_early(tmp_path, monkeypatch):
+    """`--rerun b` redoes b and every later stage. If b fails (or the runner is killed) before the run reaches c, c's
+    old result, made from b's old output, must not be skipped as done by the next run."""
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": n, "module": "tests.sleepy_stage", "config": str(recipe),
+         "args": {"seconds": 0.1, "output_dir": str(tmp_path / "out" / n)}} for n in "abc"]}))
+    assert {v["status"] for k, v in main(["--config", str(pipeline)]).items() if k != "_source"} == {"done"}
+    monkeypatch.setenv("SLEEPY_FAIL", "b")
+    with pytest.raises(SystemExit):
+        main(["--config", str(pipeline), "--rerun", "b"])
+    assert (tmp_path / "out/a/stage_result.json").is_file() and not (tmp_path / "out/c").exists()
+    monkeypatch.delenv("SLEEPY_FAIL")
+    state = main(["--config", str(pipeline)])
+    assert state["a"]["status"] == "done (skipped)" and state["b"]["status"] == state["c"]["status"] == "done"
