@@ -315,7 +315,7 @@ def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path, me
         ax.bar([j + i * width for j in range(len(tasks))], [acc.get(t, 0.0) for t in tasks], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t.split("/", 1)[1] for t in tasks])
     ax.set(ylim=(0, 1), ylabel="held-out accuracy")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)  # above the bars, not on them
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
