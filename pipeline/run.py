@@ -6,8 +6,8 @@
 Each stage runs as its own process (`python -m <module>` or `accelerate launch`), logging to
 `<output_dir>/logs/<stage>.log`. A `python` stage's process is forked from a server that imported torch,
 transformers, peft and trl's trainers once (multiprocessing's fork server; `preload: false` starts a fresh
-interpreter instead): a stage's own work is the same, without its ~5 s of imports. A stage is done when its `stage_result.json` exists and its recipe is
-unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
+interpreter instead): a stage's own work is the same, without its ~5 s of imports. A stage is done when its
+`stage_result.json` exists and its recipe is unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
 report (`<output_dir>/report.md`) gathers every stage's metrics. Neighbouring stages with the same
 `parallel: <label>` run at the same time, the threads of OMP_NUM_THREADS (default: every core) shared out
 between them; they must not read each other's outputs. `nice: <0-19>` lowers a stage's CPU priority, so the
@@ -16,9 +16,9 @@ longest stage of a group can keep a core while the others share what is left.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
-import atexit
 import hashlib
 import importlib
 import importlib.util
@@ -315,7 +315,7 @@ def plot_accuracy(rows: list[tuple[str, dict]], tasks: list[str], path: Path, me
         ax.bar([j + i * width for j in range(len(tasks))], [acc.get(t, 0.0) for t in tasks], width, label=name)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], [t.split("/", 1)[1] for t in tasks])
     ax.set(ylim=(0, 1), ylabel="held-out accuracy")
-    ax.legend(fontsize=7, ncol=4, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)  # above the bars, not on them
+    ax.legend(fontsize=7, ncol=4, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)  # above the bars
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -413,7 +413,9 @@ def _forked_stage(module: str, args: list[str], env: dict, cwd: str, log_path: s
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)  # its SystemExit is the exit code
     finally:
-        atexit._run_exitfuncs()  # what the interpreter's exit runs; multiprocessing ends the process with os._exit
+        # What the interpreter's exit runs (multiprocessing ends the process with os._exit); a private function of
+        # atexit: test_forked_stage_sees_what_a_fresh_python_m_process_sees checks that handlers run.
+        atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
 
@@ -578,8 +580,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise RecipeError(f"{source}: OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} (env or key 'env'): parallel stages "
                           "share it out, it must be a whole number")
     server = None  # the fork server: its imports run while check_stages does its own (both cores busy)
-    if recipe.preload and not recipe.dry_run and any(
-            s.launcher == "python" and (recipe.rerun or read_stage_result(stage_output_dir(s)) is None) for s in stages):
+    to_run = [s for s in stages if recipe.rerun or read_stage_result(stage_output_dir(s)) is None]
+    if recipe.preload and not recipe.dry_run and any(s.launcher == "python" for s in to_run):
         server = _stage_server(env, out / "logs" / "stage_server.log")
     check_stages(stages, source)
     state_path, report_path = out / "run_state.json", out / "report.md"

@@ -1,9 +1,9 @@
 """A stage for the runner's tests. With --pid_file: writes its pid (and its child's), then sleeps. With --exit N:
 prints a long line and exits with N. With --seconds S: sleeps S seconds, then writes its start and end times and the
 OMP_NUM_THREADS and niceness it was given to <output_dir>/times.json and its stage_result.json (exits 1 instead if
-SLEEPY_FAIL names its output_dir). With --probe FILE:
-writes what it sees of its process (argv, cwd, environment, torch's threads, where its output goes) to FILE, prints
-to stdout and stderr, and exits with --code (0: after its stage_result.json in --output_dir; an atexit handler appends to FILE first)."""
+SLEEPY_FAIL names its output_dir). With --probe FILE: writes what it sees of its process (argv, cwd, environment,
+torch's threads, where its output goes) to FILE, prints to stdout and stderr, and exits with --code (0: after its
+stage_result.json in --output_dir; an atexit handler appends to FILE first)."""
 
 import json
 import os
