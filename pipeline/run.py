@@ -350,9 +350,9 @@ PRELOAD = ("torch", "transformers", "peft", "trl", "trl.trainer.sft_trainer", "t
            "trl.trainer.grpo_trainer")
 
 
-def _stage_server(env: dict, log_path: Path):
+def _stage_server(env: dict):
     """multiprocessing's fork server, started once per runner process: it imports PRELOAD under the stages'
-    environment (some libraries read it at import: HF_HUB_OFFLINE), its own output going to `log_path`; each
+    environment (some libraries read it at import: HF_HUB_OFFLINE), its own output (import warnings) discarded; each
     `python` stage is then forked from it (`_forked_stage`). None where there is no fork server (not POSIX), and where
     a CUDA device is visible: CUDA cannot run in a process forked from one that initialised it, which some of the
     preloaded libraries' imports may do; there every stage starts fresh, as with `preload: false`."""
@@ -367,18 +367,17 @@ def _stage_server(env: dict, log_path: Path):
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(list(PRELOAD))  # no effect once the server runs
     saved_env, saved_fds = dict(os.environ), (os.dup(1), os.dup(2))
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
         os.environ.update(env)
-        os.dup2(log, 1)
-        os.dup2(log, 2)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
         forkserver.ensure_running()  # the server inherits the environment and fds 1 and 2 now
     finally:
         for fd, saved in zip((1, 2), saved_fds):
             os.dup2(saved, fd)
             os.close(saved)
-        os.close(log)
+        os.close(devnull)
         os.environ.clear()
         os.environ.update(saved_env)
     return ctx
@@ -494,8 +493,13 @@ def run_stage(stage: Stage, index: int, total: int, log_path: Path, env: dict, r
             if server is not None and stage.launcher == "python":
                 process = server.Process(target=_forked_stage, name=stage.name, args=(
                     stage.module, stage_argv(stage), env, os.getcwd(), str(log_path), stage.nice))
-                process.start()
-                proc = _Forked(process)
+                try:
+                    process.start()
+                    proc = _Forked(process)
+                except (OSError, EOFError) as e:  # the server is gone: this stage starts fresh
+                    log.write(f"(the preload server could not start it: {e!r}; a fresh process instead)\n")
+                    log.flush()
+            if proc is not None:
                 if running is not None:
                     running.append(proc)
                 with open(log_path) as follow:  # the stage writes its log itself: follow it for the status line
@@ -582,7 +586,7 @@ def main(argv: list[str] | None = None) -> dict:
     server = None  # the fork server: its imports run while check_stages does its own (both cores busy)
     to_run = [s for s in stages if recipe.rerun or read_stage_result(stage_output_dir(s)) is None]
     if recipe.preload and not recipe.dry_run and any(s.launcher == "python" for s in to_run):
-        server = _stage_server(env, out / "logs" / "stage_server.log")
+        server = _stage_server(env)
     check_stages(stages, source)
     state_path, report_path = out / "run_state.json", out / "report.md"
     if recipe.dry_run:

@@ -351,7 +351,7 @@ def test_no_fork_server_where_cuda_is_visible(tmp_path, monkeypatch):
     from pipeline import run
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert run._stage_server(dict(os.environ), tmp_path / "server.log") is None
+    assert run._stage_server(dict(os.environ)) is None
 
 
 def test_rerun_drops_the_later_stages_results_even_if_the_run_stops_early(tmp_path, monkeypatch):
@@ -372,3 +372,26 @@ def test_rerun_drops_the_later_stages_results_even_if_the_run_stops_early(tmp_pa
     monkeypatch.delenv("SLEEPY_FAIL")
     state = main(["--config", str(pipeline)])
     assert state["a"]["status"] == "done (skipped)" and state["b"]["status"] == state["c"]["status"] == "done"
+
+
+def test_a_stage_the_fork_server_cannot_start_starts_fresh(tmp_path, monkeypatch):
+    """If the fork server is gone (killed, or its preload crashed), the stage runs as `python -m` instead."""
+    from pipeline import run
+
+    class Gone:
+        def Process(self, **kwargs):
+            class P:
+                def start(self):
+                    raise EOFError("no fork server")
+            return P()
+
+    monkeypatch.setattr(run, "_stage_server", lambda env: Gone())
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "stage.yaml"
+    recipe.write_text("output_dir: x\n")
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(yaml.safe_dump({"output_dir": str(tmp_path / "out"), "stages": [
+        {"name": "a", "module": "tests.sleepy_stage", "config": str(recipe),
+         "args": {"seconds": 0.1, "output_dir": str(tmp_path / "out/a")}}]}))
+    assert main(["--config", str(pipeline)])["a"]["status"] == "done"
+    assert "the preload server could not start it" in (tmp_path / "out/logs/a.log").read_text()
