@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import bisect
 import logging
-from collections import Counter
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Literal
 

@@ -105,7 +105,7 @@ def main(argv=None):
 
     from pipeline.kv.cache import HeadKVCache, expected_bytes, use_headwise_attention
     from pipeline.kv.detect import heads_by_layer, load_registry, top_heads
-    from pipeline.kv.evaluate import niah_examples, niah_grid, plot_grid, prompt_text
+    from pipeline.kv.evaluate import niah_cells, niah_grid, plot_grid, prompt_text
     from pipeline.kv.streaming_heads import describe
 
     # Model + budget
@@ -143,11 +143,11 @@ def main(argv=None):
     def render(e):
         return prompt_text(tok, e, args.chat, args.system_prompt)
 
+    cells = niah_cells(tok, args.lengths, args.depths, args.n_per_cell, args.task, args.seed, args.key_digits, render)
     prompt_tokens = {}
     for n_tokens in args.lengths:
-        exs = [e for d in args.depths
-               for e in niah_examples(tok, args.task, n_tokens, d, args.n_per_cell, args.seed, args.key_digits, render)]
-        ns = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for e in exs]
+        ns = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for d in args.depths
+              for e in cells[n_tokens, d]]
         prompt_tokens[n_tokens] = [min(ns), max(ns)]
     logger.info("prompt tokens per length: %s", ", ".join(f"{n}: {a}-{b}" for n, (a, b) in prompt_tokens.items()))
 
@@ -156,7 +156,7 @@ def main(argv=None):
     results, metrics = {}, {}
     for name, make in policies.items():
         grid = niah_grid(model, tok, args.lengths, args.depths, args.n_per_cell, make, args.task, args.seed,
-                         args.key_digits, args.chat, args.system_prompt)
+                         args.key_digits, args.chat, args.system_prompt, cells)
         acc = sum(map(sum, grid)) / (len(args.lengths) * len(args.depths))
         results[name] = {"grid": grid, "accuracy": acc}
         metrics[f"niah_acc/{name}"] = round(acc, 4)

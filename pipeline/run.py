@@ -7,10 +7,10 @@ Each stage runs as its own process (`python -m <module>` or `accelerate launch`)
 `<output_dir>/logs/<stage>.log`. A `python` stage's process is forked from a server that imported torch,
 transformers, peft and trl's trainers once (multiprocessing's fork server; `preload: false` starts a fresh
 interpreter instead): a stage's own work is the same, without its ~5 s of imports. A stage is done when its
-`stage_result.json` exists and its recipe is unchanged; a killed run picks up where it stopped (stages resume from their own checkpoints). The
-report (`<output_dir>/report.md`) gathers every stage's metrics. Neighbouring stages with the same
-`parallel: <label>` run at the same time, the threads of OMP_NUM_THREADS (default: every core) shared out
-between them; they must not read each other's outputs. `nice: <0-19>` lowers a stage's CPU priority, so the
+`stage_result.json` exists and its recipe is unchanged; a killed run picks up where it stopped (stages resume from
+their own checkpoints). The report (`<output_dir>/report.md`) gathers every stage's metrics. Neighbouring stages
+with the same `parallel: <label>` run at the same time, the threads of OMP_NUM_THREADS (default: every core) shared
+out between them; they must not read each other's outputs. `nice: <0-19>` lowers a stage's CPU priority, so the
 longest stage of a group can keep a core while the others share what is left.
 """
 
@@ -584,8 +584,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise RecipeError(f"{source}: OMP_NUM_THREADS={env['OMP_NUM_THREADS']!r} (env or key 'env'): parallel stages "
                           "share it out, it must be a whole number")
     server = None  # the fork server: its imports run while check_stages does its own (both cores busy)
-    to_run = [s for s in stages if recipe.rerun or read_stage_result(stage_output_dir(s)) is None]
-    if recipe.preload and not recipe.dry_run and any(s.launcher == "python" for s in to_run):
+    if recipe.preload and not recipe.dry_run and any(s.launcher == "python" and (
+            recipe.rerun or read_stage_result(stage_output_dir(s)) is None) for s in stages):
         server = _stage_server(env)
     check_stages(stages, source)
     state_path, report_path = out / "run_state.json", out / "report.md"

@@ -286,13 +286,15 @@ def test_niah_prompts_are_as_long_as_their_label(model, chat):
     tokenizer the "256" and "512" chat cells held 325-380 and 568-623 tokens, past the SFT's max_length."""
     from transformers import AutoTokenizer
 
-    from pipeline.kv.evaluate import niah_examples, prompt_text
+    from pipeline.kv.evaluate import niah_cells, niah_examples, prompt_text
 
     tok = AutoTokenizer.from_pretrained(Path(__file__).resolve().parents[1] / "data/models" / model)
     render = lambda e: prompt_text(tok, e, chat, "Give only the final answer.")  # noqa: E731
     for task in ("passkey", "kv_haystack"):
+        cells = niah_cells(tok, (256, 512, 1024), (0.1, 0.5, 0.9), 6, task, 0, render=render)  # one fit, same prompts
         for n in (256, 512, 1024):
             exs = [e for d in (0.1, 0.5, 0.9) for e in niah_examples(tok, task, n, d, 6, 0, render=render)]
+            assert exs == [e for d in (0.1, 0.5, 0.9) for e in cells[n, d]]
             lengths = [len(tok(render(e), add_special_tokens=False)["input_ids"]) for e in exs]
             assert abs(sum(lengths) / len(lengths) - n) <= 0.05 * n, (task, n, lengths)
             assert max(lengths) <= 1.15 * n and min(lengths) >= 0.85 * n, (task, n, lengths)

@@ -34,10 +34,10 @@ def token_fit(tokenizer, render=prompt_of, maker=None) -> tuple[float, float]:
     return t_lo - lo * per_word, per_word
 
 
-def words_for_tokens(tokenizer, n_tokens: int, render=prompt_of, maker=None) -> int:
+def words_for_tokens(tokenizer, n_tokens: int, render=prompt_of, maker=None, fit=None) -> int:
     """Filler words that make a prompt of `maker`'s (default a passkey), as `render` writes it (the raw document, or a
-    chat model's templated question), about `n_tokens` tokens long."""
-    fixed, per_word = token_fit(tokenizer, render, maker)
+    chat model's templated question), about `n_tokens` tokens long. `fit`: `token_fit`'s result, if already made."""
+    fixed, per_word = fit or token_fit(tokenizer, render, maker)
     return max(4, round((n_tokens - fixed) / per_word))
 
 
@@ -87,24 +87,36 @@ def reply_tokens(tokenizer, example) -> int:
 
 
 def niah_examples(tokenizer, task: str, n_tokens: int, depth: float, n: int, seed: int, key_digits: int = 5,
-                  render=prompt_of):
-    """`n` needles at `depth` in prompts of about `n_tokens` tokens as `render` writes them (what the model reads)."""
+                  render=prompt_of, fit=None):
+    """`n` needles at `depth` in prompts of about `n_tokens` tokens as `render` writes them (what the model reads).
+    `fit`: `token_fit(tokenizer, render, <the task's maker>)`, if already made (it is the same for every cell)."""
     rng = random.Random(f"niah/{task}/{n_tokens}/{depth}/{seed}")
     maker = Passkey(key_digits=key_digits) if task == "passkey" else KVHaystack()
-    words = words_for_tokens(tokenizer, n_tokens, render, maker)
+    words = words_for_tokens(tokenizer, n_tokens, render, maker, fit)
     return [maker.make(rng, words, depth) for _ in range(n)]
 
 
+def niah_cells(tokenizer, lengths, depths, n_per_cell: int, task: str = "passkey", seed: int = 0,
+               key_digits: int = 5, render=prompt_of) -> dict[tuple[int, float], list]:
+    """`niah_examples` of every (length, depth) cell, the tokenizer fitted once."""
+    maker = Passkey(key_digits=key_digits) if task == "passkey" else KVHaystack()
+    fit = token_fit(tokenizer, render, maker)
+    return {(n_tokens, depth): niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits, render,
+                                             fit) for n_tokens in lengths for depth in depths}
+
+
 def niah_grid(model, tokenizer, lengths, depths, n_per_cell: int, make_cache=None, task: str = "passkey",
-              seed: int = 0, key_digits: int = 5, chat: bool = False,
-              system_prompt: str | None = None) -> list[list[float]]:
-    """Accuracy[length][depth]."""
+              seed: int = 0, key_digits: int = 5, chat: bool = False, system_prompt: str | None = None,
+              cells=None) -> list[list[float]]:
+    """Accuracy[length][depth]. `cells`: `niah_cells` of these arguments, if already made (several policies, one
+    grid of prompts)."""
+    cells = cells or niah_cells(tokenizer, lengths, depths, n_per_cell, task, seed, key_digits,
+                                lambda e: prompt_text(tokenizer, e, chat, system_prompt))
     grid = []
     for n_tokens in lengths:
         row = []
         for depth in depths:
-            exs = niah_examples(tokenizer, task, n_tokens, depth, n_per_cell, seed, key_digits,
-                                lambda e: prompt_text(tokenizer, e, chat, system_prompt))
+            exs = cells[n_tokens, depth]
             new = max(reply_tokens(tokenizer, e) for e in exs) + 8 if chat else 8
             row.append(sum(generate_answers(model, tokenizer, exs, make_cache, new, chat, system_prompt)) / n_per_cell)
         grid.append(row)
